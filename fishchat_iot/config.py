@@ -1,0 +1,169 @@
+"""Settings for every role: defaults, then the ``--config`` file (TOML or JSON), then
+``FISHCHAT_*`` environment variables, then command-line options (DESIGN section 6).
+
+Every option is documented with its default and unit in ``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the operator (one line)."""
+
+
+@dataclass
+class NodeSettings:
+    id: str = ""  # node id; "" = derived from the host and msg port
+    data_dir: str = "./data"  # where the embedded store and status file live
+    advertise_host: str = "127.0.0.1"  # host devices are told to connect to
+
+
+@dataclass
+class TcpSettings:
+    host: str = "127.0.0.1"  # bind address of the TCP listeners
+    gateway_port: int = 17000  # REQ_MSG_SERVER listener; 0 = pick a free port
+    msg_port: int = 19000  # msg_server listener; 0 = pick a free port
+    max_frame: int = 65536  # bytes; a larger frame is refused and the connection closed
+    allow_v1: bool = True  # accept token-less v1 logins (for devices registered --v1)
+    keepalive: float = 60.0  # seconds of silence after which a session is closed
+    login_timeout: float = 10.0  # seconds a connection may stay without logging in
+
+
+@dataclass
+class DeliverySettings:
+    offline_max: int = 10000  # messages per device queue; beyond it senders get QUEUE_FULL
+    offline_max_age: float = 7 * 86400.0  # seconds a queued message is kept
+    inflight_window: int = 1000  # unacked messages per session before it is fed from the store
+    max_pending_receipts: int = 2000  # per session; reading pauses above it
+
+
+@dataclass
+class StoreSettings:
+    path: str = ""  # SQLite file; "" = {data_dir}/fishchat.db
+    queue_max: int = 100000  # operations waiting for the store thread; beyond it UNAVAILABLE
+
+
+@dataclass
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    tcp: TcpSettings = field(default_factory=TcpSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.node.data_dir)
+
+    @property
+    def sqlite_path(self) -> Path:
+        return Path(self.store.path) if self.store.path else self.data_dir / "fishchat.db"
+
+
+def _coerce(value: Any, target: type, where: str) -> Any:
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if target is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}") from None
+    if target is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _apply(settings: Settings, section: str, key: str, value: Any, where: str) -> None:
+    sect = getattr(settings, section, None)
+    if sect is None or not dataclasses.is_dataclass(sect):
+        known = ", ".join(f.name for f in dataclasses.fields(settings))
+        raise ConfigError(f"{where}: unknown section [{section}] (known: {known})")
+    fields = {f.name: f for f in dataclasses.fields(sect)}
+    if key not in fields:
+        raise ConfigError(f"{where}: unknown option {section}.{key} (known: {', '.join(fields)})")
+    ftype = fields[key].type
+    target = _TYPES[ftype if isinstance(ftype, str) else ftype.__name__]
+    setattr(sect, key, _coerce(value, target, where))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML or JSON config file; errors name the file and what to fix."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist: check the --config path") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text") from None
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p}: invalid TOML: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"config file {p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a table of sections at the top")
+    return data
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Defaults < config file < FISHCHAT_SECTION_KEY environment < overrides
+    ("section.key" -> value, None values are ignored)."""
+    settings = Settings()
+    if config_file is not None:
+        data = read_config_file(config_file)
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{config_file}: [{section}] must be a table of options")
+            for key, value in values.items():
+                _apply(settings, section, key, value, f"{config_file}: {section}.{key}")
+    environ = os.environ if env is None else env
+    if "FISHCHAT_DATA_DIR" in environ:
+        settings.node.data_dir = environ["FISHCHAT_DATA_DIR"]
+    for f in dataclasses.fields(settings):
+        for sf in dataclasses.fields(getattr(settings, f.name)):
+            var = f"FISHCHAT_{f.name}_{sf.name}".upper()
+            if var in environ:
+                _apply(settings, f.name, sf.name, environ[var], f"environment {var}")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        _apply(settings, section, key, value, f"option {dotted}")
+    return settings

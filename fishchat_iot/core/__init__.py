@@ -1,0 +1,1 @@
+"""The transport-independent core: messages, sessions, delivery, topics."""

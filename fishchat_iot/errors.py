@@ -1,0 +1,33 @@
+"""Error codes shared by every transport (sent as ``ERROR [code, text]``) and the
+exceptions that carry them through the core."""
+
+from __future__ import annotations
+
+BAD_FRAME = "BAD_FRAME"  # not JSON, not UTF-8, not {"CmdName": str, "Args": [str]}
+FRAME_TOO_LARGE = "FRAME_TOO_LARGE"  # length prefix above max_frame; connection closed
+UNKNOWN_COMMAND = "UNKNOWN_COMMAND"
+BAD_ARGS = "BAD_ARGS"  # wrong number or shape of arguments
+NOT_LOGGED_IN = "NOT_LOGGED_IN"  # a command other than SEND_CLIENT_ID before login
+ALREADY_LOGGED_IN = "ALREADY_LOGGED_IN"
+AUTH_FAILED = "AUTH_FAILED"  # unknown device or wrong token; connection closed
+REVOKED = "REVOKED"  # the device is revoked; connection closed
+V1_NOT_ALLOWED = "V1_NOT_ALLOWED"  # token-less login for a device without --v1
+UNKNOWN_DEVICE = "UNKNOWN_DEVICE"  # recipient is not registered
+UNKNOWN_TOPIC = "UNKNOWN_TOPIC"
+TOPIC_EXISTS = "TOPIC_EXISTS"
+NOT_A_MEMBER = "NOT_A_MEMBER"  # send to / leave a topic the device is not in
+FORBIDDEN = "FORBIDDEN"  # e.g. joining a closed topic
+DUPLICATE_ID = "DUPLICATE_ID"  # another sender's message with this id is pending
+QUEUE_FULL = "QUEUE_FULL"  # recipient's offline queue is at its bound; not accepted
+UNAVAILABLE = "UNAVAILABLE"  # store busy or down; not accepted, retry later
+SESSION_REPLACED = "SESSION_REPLACED"  # sent to the old connection on a second login
+KEEPALIVE_TIMEOUT = "KEEPALIVE_TIMEOUT"
+
+
+class FishChatError(Exception):
+    """An error a device or an operator is told about, with a code from this module."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
