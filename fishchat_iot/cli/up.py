@@ -1,0 +1,113 @@
+"""``fishchat-iot up``: every role in one process on the embedded default (SQLite, the
+in-process bus); prints where devices connect and runs until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from fishchat_iot.cli.context import settings_from_args
+from fishchat_iot.cli.output import CliError
+from fishchat_iot.config import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "up",
+        help="run every role in one process (embedded store; no server to install)",
+        description="Run gateway, msg_server, router and manager in one process on the "
+        "embedded SQLite store, print where devices connect, and serve until Ctrl-C.",
+    )
+    p.add_argument("--host", help="bind address of the listeners (tcp.host, default 127.0.0.1)")
+    p.add_argument("--gateway-port", type=int, help="gateway port (default 17000; 0 = any free)")
+    p.add_argument("--msg-port", type=int, help="msg_server port (default 19000; 0 = any free)")
+    p.add_argument("--mqtt-port", type=int, help="MQTT port (the MQTT edge is not built yet)")
+    p.add_argument("--monitor-port", type=int, help="monitor port (the monitor is not built yet)")
+    p.add_argument("--no-v1", action="store_true", help="refuse token-less v1 logins")
+    p.add_argument("--keepalive", type=float, help="seconds of silence before a session closes")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run_up)
+
+
+def settings_for_up(args: argparse.Namespace) -> Settings:
+    settings = settings_from_args(args)
+    tcp = settings.tcp
+    if args.host is not None:
+        tcp.host = args.host
+    if args.gateway_port is not None:
+        tcp.gateway_port = args.gateway_port
+    if args.msg_port is not None:
+        tcp.msg_port = args.msg_port
+    if args.no_v1:
+        tcp.allow_v1 = False
+    if args.keepalive is not None:
+        tcp.keepalive = args.keepalive
+    if args.log_level is not None:
+        settings.node.log_level = args.log_level
+    for name, port in (("--gateway-port", tcp.gateway_port), ("--msg-port", tcp.msg_port)):
+        if not 0 <= port <= 65535:
+            raise CliError(f"{name} {port} is not a port number: use 0 to 65535 (0 = any free)")
+    return settings
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_up(args: argparse.Namespace) -> int:
+    settings = settings_for_up(args)
+    setup_logging(settings.node.log_level)
+    return run_loop(_serve(settings, args.json))
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop where it is installed (the loop the hot path was measured on)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+async def _serve(settings: Settings, as_json: bool) -> int:
+    from device_adapters.tcp.listener import ListenError
+    from fishchat_iot.app import EmbeddedApp
+
+    app = EmbeddedApp(settings)
+    try:
+        await app.start()
+    except ListenError as exc:
+        raise CliError(str(exc)) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    addrs = app.listeners()
+    if as_json:
+        print(json.dumps({**addrs, "data_dir": str(settings.data_dir), "pid": app.status()["pid"]}))
+    else:
+        print("FishChat IoT is up (embedded: every role in this process)")
+        print(f"  gateway     {addrs['gateway']}   devices ask here for their msg_server")
+        print(f"  msg_server  {addrs['msg_server']}   FishChat v1 TCP protocol (docs/protocol.md)")
+        print(f"  data        {settings.sqlite_path}")
+        print("Register a device: fishchat-iot device register NAME   Stop: Ctrl-C")
+    sys.stdout.flush()
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await app.stop()
+    return 0

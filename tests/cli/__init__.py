@@ -1,0 +1,1 @@
+"""Tests of the ``fishchat-iot`` operator CLI: the real console script as a subprocess."""
