@@ -24,6 +24,7 @@ class NodeSettings:
     id: str = ""  # node id; "" = derived from the host and msg port
     data_dir: str = "./data"  # where the embedded store and status file live
     advertise_host: str = "127.0.0.1"  # host devices are told to connect to
+    log_level: str = "info"  # debug, info, warning or error
 
 
 @dataclass

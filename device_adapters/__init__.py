@@ -1,0 +1,1 @@
+"""Device adapters: each turns one transport (TCP, MQTT, serial) into core sessions."""

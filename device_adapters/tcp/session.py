@@ -1,0 +1,331 @@
+"""One device connection on the msg_server TCP listener: decodes v1 frames, hands the
+commands to the core, and encodes what the core emits.
+
+Built the way DESIGN section 9 measured fast: an ``asyncio.Protocol`` that parses every
+complete frame of a read in one call, appends every reply and delivery to a per-session
+``bytearray`` and writes each session once per event-loop turn.
+
+A v1 session (logged in without a token) is sent only v1 frames with v1 argument lists;
+whatever it cannot be told (errors, receipts) is logged instead, and bad input from it
+closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import cast
+import socket
+import time
+from collections.abc import Callable
+
+from device_adapters.tcp.framing import FrameDecoder, FrameError, append_frame
+from device_adapters.tcp.listener import TcpListener
+from fishchat_iot import errors
+from fishchat_iot.core.envelope import KIND_TOPIC, Envelope
+from fishchat_iot.core.session import Mode, Session
+from fishchat_iot.roles.msg_server import MsgServer, valid_name
+
+log = logging.getLogger("fishchat.tcp")
+
+MAX_BAD_FRAMES = 20  # a token session sending more bad frames than this is closed
+
+Handler = Callable[["TcpSession", list[str]], None]
+
+
+class TcpSession(Session, asyncio.Protocol):
+    transport_name = "tcp"
+
+    def __init__(self, listener: TcpListener, server: MsgServer) -> None:
+        super().__init__()
+        self.listener = listener
+        self.server = server
+        self.decoder = FrameDecoder(server.settings.tcp.max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.logging_in = False
+        self.held: list[tuple[str, list[str]] | FrameError] = []
+        self.login_task: asyncio.Task[None] | None = None
+        self.login_timer: asyncio.TimerHandle | None = None
+        self.bad_frames = 0
+        self._write_paused = False
+        self._read_pauses = 0
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport: no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
+        self.listener.connections.add(self.transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.login_timer = asyncio.get_running_loop().call_later(
+            self.server.settings.tcp.login_timeout, self._login_timed_out
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.listener.connections.discard(self.transport)
+        if self.login_timer is not None:
+            self.login_timer.cancel()
+        if self.login_task is not None:
+            self.login_task.cancel()
+        self.server.session_closed(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.server.writable_again(self)
+
+    def data_received(self, data: bytes) -> None:
+        items = self.decoder.feed(data)
+        if self.node is not None:
+            self.last_seen = time.monotonic()
+        self._handle(items)
+
+    # -- command dispatch ------------------------------------------------------------
+    def _handle(self, items: list[tuple[str, list[str]] | FrameError]) -> None:
+        for i, item in enumerate(items):
+            if self.logging_in:
+                self.held.extend(items[i:])  # bounded: reading is paused during login
+                return
+            if self.transport is None or self.transport.is_closing():
+                return
+            if isinstance(item, FrameError):
+                self._bad_frame(item)
+                continue
+            cmd, args = item
+            if self.node is None:
+                if cmd == "SEND_CLIENT_ID":
+                    self._begin_login(args)
+                else:
+                    self._refuse(errors.NOT_LOGGED_IN, f"{cmd} before SEND_CLIENT_ID")
+                continue
+            if self.mode is Mode.CLOSED:
+                return
+            entry = COMMANDS.get(cmd)
+            if entry is None:
+                self._bad_input(errors.UNKNOWN_COMMAND, f"unknown command {cmd[:40]!r}")
+                continue
+            lo, hi, handler = entry
+            if not lo <= len(args) <= hi:
+                want = f"{lo}" if lo == hi else f"{lo} to {hi}"
+                self._bad_input(errors.BAD_ARGS, f"{cmd} takes {want} arguments, got {len(args)}")
+                continue
+            handler(self, args)
+
+    def _bad_frame(self, err: FrameError) -> None:
+        if err.fatal or self.node is None:
+            self._refuse(err.code, err.text)
+        else:
+            self._bad_input(err.code, err.text)
+
+    def _bad_input(self, code: str, text: str) -> None:
+        """Bad input in a logged-in session: told (token) or closed (v1); logged once."""
+        log.warning("bad input from %s (%s): %s: %s", self.device_id, self.peer, code, text)
+        if self.v1:
+            self.drop(code, text)
+            self.server.session_closed(self)
+            return
+        self.bad_frames += 1
+        if self.bad_frames > MAX_BAD_FRAMES:
+            self.drop(code, f"{text}; too many bad frames, closing")
+            self.server.session_closed(self)
+            return
+        self.emit_error(code, text)
+        self.mark_dirty()
+
+    def _refuse(self, code: str, text: str) -> None:
+        """Refuse a connection that has not logged in: one ERROR frame, then close."""
+        log.warning("refused %s: %s: %s", self.peer, code, text)
+        if self.transport is not None and not self.transport.is_closing():
+            out = bytearray()
+            append_frame(out, "ERROR", [code, text])
+            self.transport.write(out)
+            self.transport.close()
+
+    # -- login -----------------------------------------------------------------------
+    def _begin_login(self, args: list[str]) -> None:
+        if not 1 <= len(args) <= 2:
+            self._refuse(errors.BAD_ARGS, "SEND_CLIENT_ID takes [id] or [id, token]")
+            return
+        if not valid_name(args[0]) or len(args[0]) > 64:
+            self._refuse(errors.AUTH_FAILED, f"invalid device id {args[0][:70]!r}")
+            return
+        self.logging_in = True
+        self._pause_reading()
+        token = args[1] if len(args) == 2 else None
+        self.login_task = asyncio.get_running_loop().create_task(self._login(args[0], token))
+
+    async def _login(self, device_id: str, token: str | None) -> None:
+        failure = await self.server.login(self, device_id, token)
+        self.login_task = None
+        if self.transport is None or self.transport.is_closing():
+            self.server.session_closed(self)
+            return
+        if failure is not None:
+            code, text = failure
+            if token is None:
+                # A v1 client cannot parse ERROR: close, and say why in the log.
+                log.warning("refused v1 login of %r from %s: %s", device_id, self.peer, text)
+                self.transport.close()
+            else:
+                self._refuse(code, text)
+            return
+        if self.login_timer is not None:
+            self.login_timer.cancel()
+            self.login_timer = None
+        log.info(
+            "device %s logged in from %s (%s)", device_id, self.peer, "v1" if self.v1 else "token"
+        )
+        if not self.v1:
+            # Ahead of anything the queue feed appends.
+            head = bytearray()
+            append_frame(head, "LOGIN_OK", [device_id])
+            self.out[:0] = head
+            self.mark_dirty()
+        self.logging_in = False
+        held, self.held = self.held, []
+        self._handle(held)
+        self._resume_reading()
+
+    def _login_timed_out(self) -> None:
+        self.login_timer = None
+        if self.node is None:
+            self._refuse(errors.NOT_LOGGED_IN, "no SEND_CLIENT_ID within the login timeout")
+
+    # -- flow control ------------------------------------------------------------------
+    def _pause_reading(self) -> None:
+        self._read_pauses += 1
+        if self._read_pauses == 1 and self.transport is not None:
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        self._read_pauses -= 1
+        if (
+            self._read_pauses == 0
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
+            self.transport.resume_reading()
+
+    def pause_input(self) -> None:
+        self._pause_reading()
+
+    def resume_input(self) -> None:
+        self._resume_reading()
+
+    # -- Session: what the core emits -------------------------------------------------
+    def emit_message(self, env: Envelope) -> None:
+        if env.kind == KIND_TOPIC:
+            if self.v1:
+                append_frame(self.out, "RESP_MESSAGE_TOPIC", [env.topic, env.body, env.sender])
+            else:
+                append_frame(
+                    self.out,
+                    "RESP_MESSAGE_TOPIC",
+                    [env.topic, env.body, env.sender, env.id, str(env.ts)],
+                )
+        elif self.v1:
+            append_frame(self.out, "RESP_MESSAGE_P2P", [env.body, env.sender, env.id])
+        else:
+            append_frame(self.out, "RESP_MESSAGE_P2P", [env.body, env.sender, env.id, str(env.ts)])
+
+    def emit_accepted(self, msg_id: str) -> None:
+        if not self.v1:
+            append_frame(self.out, "ACCEPTED", [msg_id])
+
+    def emit_error(self, code: str, text: str, ref: str = "") -> None:
+        if self.v1:
+            log.warning("v1 device %s: %s: %s", self.device_id, code, text)
+        else:
+            append_frame(self.out, "ERROR", [code, text, ref] if ref else [code, text])
+
+    def emit_ok(self, command: str, name: str) -> None:
+        if not self.v1:
+            append_frame(self.out, "OK", [command, name])
+
+    def emit_located(self, address: str, topic: str) -> None:
+        append_frame(self.out, "LOCATE_TOPIC_MSG_ADDR", [address, topic])
+
+    def write_out(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            out, self.out = self.out, bytearray()
+            self.transport.write(out)
+        else:
+            self.out.clear()
+
+    def can_write(self) -> bool:
+        return not self._write_paused
+
+    def drop(self, code: str, text: str) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if not self.v1 and self.node is not None:
+            append_frame(self.out, "ERROR", [code, text])
+        self.write_out()
+        self.transport.close()
+
+
+# -- command handlers: (min args, max args, handler) ----------------------------------
+def _ping(s: TcpSession, args: list[str]) -> None:
+    if not s.v1:
+        append_frame(s.out, "PONG", [])
+        s.mark_dirty()
+
+
+def _send_p2p(s: TcpSession, args: list[str]) -> None:
+    # [to, msg, from] (v1; from is ignored: the session's id is the sender) [, id]
+    s.server.send_p2p(s, args[0], args[1], args[3] if len(args) > 3 and not s.v1 else "")
+
+
+def _ack(s: TcpSession, args: list[str]) -> None:
+    # [client_id, uuid] (v1); token sessions may ack several: [client_id, uuid, uuid, ...]
+    s.server.ack(s, args[1:])
+
+
+def _create_topic(s: TcpSession, args: list[str]) -> None:
+    s.server.spawn(s.server.create_topic(s, args[0]), "create-topic")
+
+
+def _join_topic(s: TcpSession, args: list[str]) -> None:
+    s.server.spawn(s.server.join_topic(s, args[0]), "join-topic")
+
+
+def _leave_topic(s: TcpSession, args: list[str]) -> None:
+    s.server.spawn(s.server.leave_topic(s, args[0]), "leave-topic")
+
+
+def _send_topic(s: TcpSession, args: list[str]) -> None:
+    s.server.send_topic(s, args[0], args[1], args[2] if len(args) > 2 and not s.v1 else "")
+
+
+def _logout(s: TcpSession, args: list[str]) -> None:
+    if not s.v1:
+        append_frame(s.out, "OK", ["LOGOUT", s.device_id])
+    log.info("device %s logged out", s.device_id)
+    s.write_out()
+    if s.transport is not None:
+        s.transport.close()
+    s.server.session_closed(s)
+
+
+def _again(s: TcpSession, args: list[str]) -> None:
+    s._bad_input(errors.ALREADY_LOGGED_IN, f"already logged in as {s.device_id!r}")
+
+
+COMMANDS: dict[str, tuple[int, int, Handler]] = {
+    "SEND_PING": (0, 1, _ping),
+    "SEND_MESSAGE_P2P": (3, 4, _send_p2p),
+    "P2P_ACK": (2, 1000, _ack),
+    "CREATE_TOPIC": (1, 1, _create_topic),
+    "JOIN_TOPIC": (1, 2, _join_topic),
+    "LEAVE_TOPIC": (1, 2, _leave_topic),
+    "SEND_MESSAGE_TOPIC": (2, 3, _send_topic),
+    "LOGOUT": (0, 1, _logout),
+    "SEND_CLIENT_ID": (1, 2, _again),
+}

@@ -1,0 +1,1 @@
+"""The bus: node registry, presence and node inboxes (in-process embedded, Redis distributed)."""

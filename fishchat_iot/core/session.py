@@ -1,0 +1,101 @@
+"""A logged-in device session as the core sees it. Adapters subclass ``Session`` and
+encode its ``emit_*`` calls in their own wire format; the core never sees frames."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import logging
+from typing import TYPE_CHECKING
+
+from fishchat_iot.core.envelope import Envelope
+
+if TYPE_CHECKING:
+    from fishchat_iot.roles.msg_server import MsgServer
+
+log = logging.getLogger("fishchat.session")
+
+
+class Mode(enum.Enum):
+    # Messages for the device are written to it as they arrive.
+    LIVE = "live"
+    # Messages for the device go to its durable queue and are fed from there: used at
+    # login (until the queue is drained), when its transport is backed up, and when its
+    # window of unacked messages is full. This keeps memory bounded and order intact.
+    BACKLOG = "backlog"
+    CLOSED = "closed"
+
+
+class Session(abc.ABC):
+    """State the core keeps per session. Not thread-safe; lives on the event loop."""
+
+    transport_name = "?"
+
+    def __init__(self) -> None:
+        self.device_id = ""
+        self.v1 = False
+        self.mode = Mode.CLOSED
+        self.node: MsgServer | None = None
+        # Delivered and not yet acked: id -> (envelope, came from the durable queue).
+        self.inflight: dict[str, tuple[Envelope, bool]] = {}
+        self.cursor = 0  # highest okey read from the durable queue in this session
+        self.last_seen = 0.0
+        self.logged_in_ms = 0
+        self.pending_receipts = 0  # sends waiting for the store before ACCEPTED
+        self.drain_task: asyncio.Task[None] | None = None
+        self.out = bytearray()
+        self.dirty = False
+
+    # -- what the transport provides -----------------------------------------
+    @abc.abstractmethod
+    def emit_message(self, env: Envelope) -> None:
+        """Append a delivery of ``env`` to ``self.out``."""
+
+    @abc.abstractmethod
+    def emit_accepted(self, msg_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def emit_error(self, code: str, text: str, ref: str = "") -> None:
+        """Tell the device about an error (v1 sessions cannot be told: log it)."""
+
+    @abc.abstractmethod
+    def emit_ok(self, command: str, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def emit_located(self, address: str, topic: str) -> None: ...
+
+    @abc.abstractmethod
+    def write_out(self) -> None:
+        """Write ``self.out`` to the device in one call and clear it."""
+
+    @abc.abstractmethod
+    def can_write(self) -> bool:
+        """False while the transport's buffer is above its high-water mark."""
+
+    @abc.abstractmethod
+    def drop(self, code: str, text: str) -> None:
+        """Close the connection (after telling the device why, where it can be told)."""
+
+    def pause_input(self) -> None:  # noqa: B027 - optional for transports that cannot
+        """Stop reading from the device (too many sends waiting for the store)."""
+
+    def resume_input(self) -> None:  # noqa: B027
+        """Start reading again."""
+
+    # -- helpers ---------------------------------------------------------------
+    def push(self, env: Envelope, stored: bool) -> None:
+        """Write a delivery and remember it until acked. v1 sessions cannot ack topic
+        messages, so those count as delivered once written."""
+        self.emit_message(env)
+        if not (self.v1 and env.kind == "topic"):
+            self.inflight[env.id] = (env, stored)
+        self.mark_dirty()
+
+    def mark_dirty(self) -> None:
+        if not self.dirty and self.node is not None:
+            self.dirty = True
+            self.node.schedule_flush(self)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.device_id or '-'} {self.mode.value}>"

@@ -1,0 +1,134 @@
+"""The manager role: the registry (devices, topics, members) in front of the store, with
+an in-memory cache the hot path reads, and the housekeeping of the offline queues.
+
+The cache is dropped whenever the store reports a change from another process (the CLI,
+another node) and after this process's own registry writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from fishchat_iot.stores.base import DeviceRecord, Store, TopicRecord
+
+log = logging.getLogger("fishchat.manager")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Manager:
+    def __init__(self, store: Store, offline_max_age: float = 7 * 86400.0) -> None:
+        self.store = store
+        self.offline_max_age = offline_max_age
+        self._devices: dict[str, DeviceRecord | None] = {}
+        self._topics: dict[str, TopicRecord | None] = {}
+        self._generation = 0
+        self._listeners: list[asyncio.Event] = []
+        self._revoke_checked_ms = now_ms()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.on_revoked: list = []  # callables(device_id) run when a device is revoked
+
+    async def start(self) -> None:
+        self.store.on_registry_change(self.invalidate)
+        self._tasks.add(asyncio.create_task(self._housekeeping(), name="manager-housekeeping"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    # -- cache -----------------------------------------------------------------
+    def invalidate(self) -> None:
+        """Forget cached registry entries; also look for newly revoked devices."""
+        self._generation += 1
+        self._devices.clear()
+        self._topics.clear()
+        task = asyncio.get_running_loop().create_task(self._check_revoked())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def device(self, device_id: str) -> DeviceRecord | None:
+        if device_id in self._devices:
+            return self._devices[device_id]
+        gen = self._generation
+        rec = await self.store.get_device(device_id)
+        if gen == self._generation:
+            self._devices[device_id] = rec
+        return rec
+
+    def cached_topic(self, name: str) -> TopicRecord | None | bool:
+        """The cached topic, None if known not to exist, False if not cached."""
+        return self._topics.get(name, False)
+
+    async def topic(self, name: str) -> TopicRecord | None:
+        cached = self._topics.get(name, False)
+        if cached is not False:
+            return cached  # type: ignore[return-value]
+        gen = self._generation
+        rec = await self.store.get_topic(name)
+        if gen == self._generation:
+            self._topics[name] = rec
+        return rec
+
+    # -- registry writes from devices (CREATE_TOPIC, JOIN_TOPIC, LEAVE_TOPIC) --
+    async def create_topic(self, name: str, owner: str) -> None:
+        await self.store.create_topic(
+            TopicRecord(name=name, owner=owner, open=True, created_ms=now_ms())
+        )
+        self._forget_topic(name)
+
+    async def add_member(self, name: str, device_id: str) -> bool:
+        added = await self.store.add_member(name, device_id)
+        self._forget_topic(name)
+        return added
+
+    async def remove_member(self, name: str, device_id: str) -> bool:
+        removed = await self.store.remove_member(name, device_id)
+        self._forget_topic(name)
+        return removed
+
+    def _forget_topic(self, name: str) -> None:
+        self._generation += 1
+        self._topics.pop(name, None)
+
+    # -- housekeeping ----------------------------------------------------------
+    async def _check_revoked(self) -> None:
+        since = self._revoke_checked_ms
+        self._revoke_checked_ms = now_ms()
+        try:
+            revoked = await self.store.revoked_since(since - 1000)
+        except Exception as exc:  # the next change or sweep tries again
+            log.warning("could not read revoked devices: %s", exc)
+            return
+        for device_id in revoked:
+            for callback in self.on_revoked:
+                callback(device_id)
+
+    async def _housekeeping(self) -> None:
+        """Expire queued messages past their age bound (logged: nothing disappears
+        silently) and re-check revocations every few seconds as a safety net."""
+        last_purge = 0.0
+        while True:
+            await asyncio.sleep(2.0)
+            await self._check_revoked()
+            if time.monotonic() - last_purge >= 60.0:
+                last_purge = time.monotonic()
+                try:
+                    n = await self.store.purge_expired(now_ms() - int(self.offline_max_age * 1000))
+                except Exception as exc:
+                    log.warning("offline queue purge failed: %s", exc)
+                    continue
+                if n:
+                    log.warning(
+                        "expired %d queued messages older than %.0f s (delivery.offline_max_age)",
+                        n,
+                        self.offline_max_age,
+                    )

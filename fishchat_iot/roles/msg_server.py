@@ -1,0 +1,559 @@
+"""The msg_server role: holds device sessions (login, keepalive, replacement) and carries
+out what devices ask — send p2p and topic messages, ack deliveries, manage topics — on
+top of the router and the manager. Transport-independent: adapters call these methods
+with decoded commands and implement ``Session``'s ``emit_*``.
+
+Delivery guarantee (DESIGN section 2): a message is ACCEPTED only once it was written
+to the recipient's live session or durably stored; a delivered message stays in the
+session's in-flight table until acked, and goes back to the durable queue if the session
+ends first. Per sender->receiver order holds because a recipient with anything on its
+way to its durable queue is fed only from that queue (``Mode.BACKLOG``) until the
+queue is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from fishchat_iot import errors
+from fishchat_iot.auth import token_matches
+from fishchat_iot.bus.base import Bus, NodeInfo
+from fishchat_iot.config import Settings
+from fishchat_iot.core.envelope import KIND_P2P, KIND_TOPIC, Envelope
+from fishchat_iot.core.session import Mode, Session
+from fishchat_iot.ids import IdGenerator, OrderKeys
+from fishchat_iot.roles.manager import Manager, now_ms
+from fishchat_iot.roles.router import Router
+from fishchat_iot.stores.base import (
+    AlreadyExists,
+    Enqueued,
+    NotFound,
+    StoreUnavailable,
+    TopicRecord,
+)
+
+log = logging.getLogger("fishchat.msg_server")
+
+MAX_ID_LEN = 64
+MAX_NAME_LEN = 128
+DRAIN_BATCH = 256
+
+
+class Offer(enum.Enum):
+    LIVE = "live"  # written to the recipient's session
+    DUPLICATE = "duplicate"  # the same message is already in flight to it
+    CONFLICT = "conflict"  # another sender's message with this id is in flight to it
+
+
+class MsgServer:
+    def __init__(
+        self,
+        settings: Settings,
+        bus: Bus,
+        manager: Manager,
+        router: Router,
+        node_id: str,
+        address: str,
+    ) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.manager = manager
+        self.router = router
+        router.node = self
+        self.node_id = node_id
+        self.address = address  # host:port devices connect to
+        self.sessions: dict[str, Session] = {}
+        self.started_ms = now_ms()
+        self.msgs_in = 0
+        self.msgs_out = 0
+        self.ids = IdGenerator()
+        self.okeys = OrderKeys()
+        self.window = settings.delivery.inflight_window
+        # Per recipient: store hand-offs under way, and a counter of all ever started.
+        self._pending: dict[str, int] = {}
+        self._arrivals: dict[str, int] = {}
+        self._settled: dict[str, asyncio.Event] = {}
+        self._dirty: list[Session] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        manager.on_revoked.append(self.revoked)
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.bus.attach_inbox(self.node_id, self.deliver_from_bus)
+        await self.heartbeat()
+        self.spawn(self._watchdog(), "watchdog")
+
+    async def stop(self) -> None:
+        """Close every session (their in-flight messages go back to the durable queue)
+        and wait for every write the node started."""
+        for s in list(self.sessions.values()):
+            s.drop(errors.UNAVAILABLE, "server shutting down")
+            self.session_closed(s)
+        self._flush()
+        for task in list(self._tasks):
+            if task.get_name().startswith("hand-off") or task.get_name().startswith("send"):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(task), 10)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(Exception):
+            await self.bus.remove_node(self.node_id)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    def node_info(self) -> NodeInfo:
+        return NodeInfo(
+            node_id=self.node_id,
+            role="msg_server",
+            address=self.address,
+            started_ms=self.started_ms,
+            sessions=len(self.sessions),
+            msgs_in=self.msgs_in,
+            msgs_out=self.msgs_out,
+        )
+
+    async def heartbeat(self) -> None:
+        await self.bus.heartbeat(self.node_info())
+
+    async def _watchdog(self) -> None:
+        """Close sessions silent for longer than the keepalive, and refresh this node's
+        entry in the node registry."""
+        keepalive = self.settings.tcp.keepalive
+        period = max(0.05, min(1.0, keepalive / 4))
+        last_beat = 0.0
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            cutoff = now - keepalive
+            for s in [s for s in self.sessions.values() if s.last_seen < cutoff]:
+                log.info("session %s silent for %.0f s: closing", s.device_id, now - s.last_seen)
+                s.drop(errors.KEEPALIVE_TIMEOUT, f"no traffic for {keepalive:g} s")
+                self.session_closed(s)
+            if now - last_beat >= 2.0:
+                last_beat = now
+                try:
+                    await self.heartbeat()
+                except Exception as exc:
+                    log.warning("node heartbeat failed: %s", exc)
+
+    # -- output batching -----------------------------------------------------------
+    def schedule_flush(self, s: Session) -> None:
+        """Called by ``Session.mark_dirty``: every session written to during this turn of
+        the event loop gets exactly one transport write at its end."""
+        self._dirty.append(s)
+        if self._flush_handle is None:
+            loop = self._loop or asyncio.get_running_loop()
+            self._flush_handle = loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        dirty, self._dirty = self._dirty, []
+        for s in dirty:
+            s.dirty = False
+            if s.out:
+                s.write_out()
+
+    # -- sessions ------------------------------------------------------------------
+    async def login(self, s: Session, device_id: str, token: str | None) -> tuple[str, str] | None:
+        """Authenticate and register the session. Returns None, or (error code, text)."""
+        try:
+            rec = await self.manager.device(device_id)
+        except StoreUnavailable:
+            return errors.UNAVAILABLE, "registry unavailable, retry later"
+        if rec is None:
+            return errors.AUTH_FAILED, f"unknown device {device_id!r} or wrong token"
+        if token is None:
+            if not self.settings.tcp.allow_v1 or not rec.v1:
+                return errors.V1_NOT_ALLOWED, f"device {device_id!r} must log in with a token"
+        elif not token_matches(token, rec.token_hash):
+            return errors.AUTH_FAILED, f"unknown device {device_id!r} or wrong token"
+        if rec.revoked:
+            return errors.REVOKED, f"device {device_id!r} is revoked"
+        old = self.sessions.get(device_id)
+        if old is not None:
+            log.info("device %s logged in again: replacing its previous session", device_id)
+            old.drop(errors.SESSION_REPLACED, "this device logged in on another connection")
+            self.session_closed(old)
+        s.device_id = device_id
+        s.v1 = token is None
+        s.node = self
+        s.mode = Mode.BACKLOG  # fed from its durable queue until that is empty
+        s.last_seen = time.monotonic()
+        s.logged_in_ms = now_ms()
+        self.sessions[device_id] = s
+        await self.bus.set_presence(device_id, self.node_id)
+        if s.mode is not Mode.CLOSED:
+            self._start_drain(s)
+        return None
+
+    def touch(self, s: Session) -> None:
+        s.last_seen = time.monotonic()
+
+    def session_closed(self, s: Session) -> None:
+        """The session ended (disconnect, logout, replacement, timeout, revocation).
+        Idempotent. Unacked live deliveries go back to the durable queue."""
+        if s.mode is Mode.CLOSED or s.node is not self:
+            return
+        s.mode = Mode.CLOSED
+        if s.drain_task is not None:
+            s.drain_task.cancel()
+            s.drain_task = None
+        if self.sessions.get(s.device_id) is s:
+            del self.sessions[s.device_id]
+            self.spawn(self.bus.clear_presence(s.device_id, self.node_id), "presence")
+        unstored = [env for env, stored in s.inflight.values() if not stored]
+        s.inflight.clear()
+        if unstored:
+            unstored.sort(key=lambda e: e.okey)
+            self._hand_off(unstored, None, accepted=True)
+
+    def revoked(self, device_id: str) -> None:
+        s = self.sessions.get(device_id)
+        if s is not None:
+            log.warning("device %s revoked: closing its session", device_id)
+            s.drop(errors.REVOKED, f"device {device_id!r} was revoked")
+            self.session_closed(s)
+
+    # -- sending -------------------------------------------------------------------
+    def _offer(self, env: Envelope) -> Offer | None:
+        """Write ``env`` to its recipient's live session on this node, if it has one
+        that can take it now; None means it must go through the router."""
+        r = self.sessions.get(env.to)
+        if r is None or r.mode is not Mode.LIVE:
+            return None
+        prev = r.inflight.get(env.id)
+        if prev is not None:
+            return Offer.DUPLICATE if prev[0].sender == env.sender else Offer.CONFLICT
+        if len(r.inflight) >= self.window or not r.can_write():
+            r.mode = Mode.BACKLOG  # resumes from the queue when acks or the socket allow
+            return None
+        r.push(env, False)
+        self.msgs_out += 1
+        return Offer.LIVE
+
+    def _check_id(self, s: Session, msg_id: str) -> str | None:
+        if not msg_id:
+            return self.ids.next()
+        if len(msg_id) > MAX_ID_LEN:
+            s.emit_error(errors.BAD_ARGS, f"message id longer than {MAX_ID_LEN} characters")
+            return None
+        return msg_id
+
+    def send_p2p(self, s: Session, to: str, body: str, msg_id: str = "") -> None:
+        mid = self._check_id(s, msg_id)
+        if mid is None:
+            return
+        env = Envelope(mid, s.device_id, to, body, now_ms(), self.okeys.next(), KIND_P2P)
+        offer = self._offer(env)
+        if offer is Offer.LIVE or offer is Offer.DUPLICATE:
+            if offer is Offer.LIVE:
+                self.msgs_in += 1
+            s.emit_accepted(mid)
+            s.mark_dirty()
+        elif offer is Offer.CONFLICT:
+            self._refuse_duplicate(s, mid, to)
+        else:
+            self._hand_off([env], s, accepted=False, check_recipient=True)
+
+    def send_topic(self, s: Session, name: str, body: str, msg_id: str = "") -> None:
+        mid = self._check_id(s, msg_id)
+        if mid is None:
+            return
+        topic = self.manager.cached_topic(name)
+        if topic is False:  # not cached: look it up first
+            self._begin_receipt(s)
+            self.spawn(self._send_topic_uncached(s, name, body, mid), "send-topic")
+        else:
+            self._send_topic_to(s, name, body, mid, topic)  # type: ignore[arg-type]
+
+    async def _send_topic_uncached(self, s: Session, name: str, body: str, mid: str) -> None:
+        try:
+            topic = await self.manager.topic(name)
+        except StoreUnavailable:
+            s.emit_error(errors.UNAVAILABLE, "registry unavailable, retry later", mid)
+            s.mark_dirty()
+            return
+        finally:
+            self._end_receipt(s)
+        self._send_topic_to(s, name, body, mid, topic)
+
+    def _send_topic_to(
+        self, s: Session, name: str, body: str, mid: str, topic: TopicRecord | None
+    ) -> None:
+        if topic is None:
+            s.emit_error(errors.UNKNOWN_TOPIC, f"no topic {name!r}", mid)
+            s.mark_dirty()
+            return
+        if s.device_id not in topic.members:
+            s.emit_error(errors.NOT_A_MEMBER, f"not a member of topic {name!r}", mid)
+            s.mark_dirty()
+            return
+        ts = now_ms()
+        slow: list[Envelope] = []
+        conflict = ""
+        for member in topic.members:
+            if member == s.device_id:
+                continue
+            env = Envelope(mid, s.device_id, member, body, ts, self.okeys.next(), KIND_TOPIC, name)
+            offer = self._offer(env)
+            if offer is None:
+                slow.append(env)
+            elif offer is Offer.CONFLICT:
+                conflict = member
+        self.msgs_in += 1
+        if conflict:
+            self._refuse_duplicate(s, mid, conflict)
+        elif slow:
+            self._hand_off(slow, s, accepted=False)
+        else:
+            s.emit_accepted(mid)
+            s.mark_dirty()
+
+    def _refuse_duplicate(self, s: Session, mid: str, to: str) -> None:
+        s.emit_error(
+            errors.DUPLICATE_ID,
+            f"another sender's message {mid!r} is pending for {to!r}: use a new id",
+            mid,
+        )
+        s.mark_dirty()
+
+    def _begin_receipt(self, s: Session) -> None:
+        s.pending_receipts += 1
+        if s.pending_receipts == self.settings.delivery.max_pending_receipts:
+            s.pause_input()
+
+    def _end_receipt(self, s: Session) -> None:
+        s.pending_receipts -= 1
+        if s.pending_receipts == self.settings.delivery.max_pending_receipts // 2:
+            s.resume_input()
+
+    def _hand_off(
+        self,
+        envs: list[Envelope],
+        sender: Session | None,
+        accepted: bool,
+        check_recipient: bool = False,
+    ) -> None:
+        """Start the durable hand-off of messages no live session took. Counted per
+        recipient *now*, before any await, so a recipient logging in meanwhile waits
+        for it before going live (that is what keeps per-pair order)."""
+        for env in envs:
+            self._pending[env.to] = self._pending.get(env.to, 0) + 1
+            self._arrivals[env.to] = self._arrivals.get(env.to, 0) + 1
+        if sender is not None:
+            self._begin_receipt(sender)
+        self.spawn(self._hand_off_task(envs, sender, accepted, check_recipient), "hand-off")
+
+    async def _hand_off_task(
+        self,
+        envs: list[Envelope],
+        sender: Session | None,
+        accepted: bool,
+        check_recipient: bool,
+    ) -> None:
+        code, text = "", ""
+        try:
+            if check_recipient:
+                rec = await self.manager.device(envs[0].to)
+                if rec is None:
+                    code, text = errors.UNKNOWN_DEVICE, f"no device {envs[0].to!r}"
+                elif rec.revoked:
+                    code, text = errors.UNKNOWN_DEVICE, f"device {envs[0].to!r} is revoked"
+            if not code:
+                results = await self._route_with_retry(envs, accepted)
+                for env, r in zip(envs, results, strict=True):
+                    if r is Enqueued.FULL:
+                        code = errors.QUEUE_FULL
+                        text = (
+                            f"offline queue of {env.to!r} is full "
+                            f"({self.settings.delivery.offline_max} messages): retry later"
+                        )
+                    elif r is Enqueued.CONFLICT:
+                        code = errors.DUPLICATE_ID
+                        text = f"another sender's message {env.id!r} is queued for {env.to!r}"
+        except StoreUnavailable as exc:
+            code, text = errors.UNAVAILABLE, f"store unavailable ({exc}): retry later"
+        finally:
+            for env in envs:
+                self._settle(env.to)
+            if sender is not None:
+                self._end_receipt(sender)
+        if sender is not None:
+            if code:
+                sender.emit_error(code, text, envs[0].id)
+            else:
+                sender.emit_accepted(envs[0].id)
+                if envs[0].kind == KIND_P2P:
+                    self.msgs_in += 1
+            sender.mark_dirty()
+
+    async def _route_with_retry(self, envs: list[Envelope], accepted: bool) -> list[Enqueued]:
+        """Messages being sent may fail back to their sender (it retries); messages
+        accepted before have nobody to fail to, so they are retried until stored."""
+        delay = 0.05
+        while True:
+            try:
+                return await self.router.route_elsewhere(envs, accepted=accepted)
+            except StoreUnavailable:
+                if not accepted:
+                    raise
+                log.error("store unavailable: %d accepted messages waiting to be stored", len(envs))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _settle(self, device_id: str) -> None:
+        n = self._pending[device_id] - 1
+        if n:
+            self._pending[device_id] = n
+            return
+        del self._pending[device_id]
+        ev = self._settled.pop(device_id, None)
+        if ev is not None:
+            ev.set()
+        s = self.sessions.get(device_id)
+        if s is None:
+            self._arrivals.pop(device_id, None)
+
+    async def deliver_from_bus(self, envs: Sequence[Envelope]) -> None:
+        """Messages routed here by another node: live if possible, else queued."""
+        slow = [env for env in envs if self._offer(env) is None]
+        if slow:
+            self._hand_off(slow, None, accepted=True)
+
+    # -- acks and the durable queue feed ---------------------------------------------
+    def ack(self, s: Session, ids: Sequence[str]) -> None:
+        stored: list[str] = []
+        for mid in ids:
+            entry = s.inflight.pop(mid, None)
+            # Unknown ids may be acks of a delivery from an earlier session: the device
+            # has the message, so its queued copy can go.
+            if entry is None or entry[1]:
+                stored.append(mid)
+        if stored:
+            self.spawn(self._ack_stored(s.device_id, stored), "ack")
+        if s.mode is Mode.BACKLOG and s.drain_task is None:
+            self._start_drain(s)
+
+    async def _ack_stored(self, device_id: str, ids: list[str]) -> None:
+        try:
+            await self.manager.store.ack(device_id, ids)
+        except StoreUnavailable as exc:
+            # Not lost, just delivered again on the next login (devices dedupe).
+            log.warning("could not record acks of %s: %s", device_id, exc)
+
+    def writable_again(self, s: Session) -> None:
+        """The transport drained below its low-water mark."""
+        if s.mode is Mode.BACKLOG and s.drain_task is None:
+            self._start_drain(s)
+
+    def _start_drain(self, s: Session) -> None:
+        s.drain_task = self.spawn(self._drain(s), f"drain-{s.device_id}")
+
+    async def _drain(self, s: Session) -> None:
+        """Feed a BACKLOG session from its durable queue until the queue is empty and
+        nothing is on its way there; then the session goes LIVE."""
+        device = s.device_id
+        store = self.manager.store
+        try:
+            while s.mode is Mode.BACKLOG:
+                if self._pending.get(device):
+                    ev = self._settled.setdefault(device, asyncio.Event())
+                    await ev.wait()
+                    continue
+                room = self.window - len(s.inflight)
+                if room <= 0 or not s.can_write():
+                    return  # resumed by ack() or writable_again()
+                arrivals = self._arrivals.get(device, 0)
+                try:
+                    batch = await store.pending(device, s.cursor, min(room, DRAIN_BATCH))
+                except StoreUnavailable as exc:
+                    log.warning("cannot read the queue of %s: %s; retrying", device, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                if s.mode is not Mode.BACKLOG:
+                    return
+                for env in batch:
+                    s.cursor = env.okey
+                    if env.id in s.inflight:
+                        continue
+                    s.push(env, True)
+                    self.msgs_out += 1
+                if not batch and not self._pending.get(device):
+                    if self._arrivals.get(device, 0) == arrivals:
+                        s.mode = Mode.LIVE
+                        self._arrivals.pop(device, None)
+                        return
+        finally:
+            if s.drain_task is asyncio.current_task():
+                s.drain_task = None
+
+    # -- topics ----------------------------------------------------------------------
+    async def create_topic(self, s: Session, name: str) -> None:
+        if not valid_name(name):
+            s.emit_error(errors.BAD_ARGS, f"invalid topic name {name!r}", name)
+        else:
+            try:
+                await self.manager.create_topic(name, s.device_id)
+                s.emit_ok("CREATE_TOPIC", name)
+            except AlreadyExists:
+                s.emit_error(errors.TOPIC_EXISTS, f"topic {name!r} exists: join it", name)
+            except StoreUnavailable:
+                s.emit_error(errors.UNAVAILABLE, "registry unavailable, retry later", name)
+        s.mark_dirty()
+
+    async def join_topic(self, s: Session, name: str) -> None:
+        try:
+            topic = await self.manager.topic(name)
+            if topic is None:
+                s.emit_error(errors.UNKNOWN_TOPIC, f"no topic {name!r}", name)
+            elif s.device_id not in topic.members and not topic.open:
+                s.emit_error(
+                    errors.FORBIDDEN, f"topic {name!r} is closed: its owner adds members", name
+                )
+            else:
+                if s.device_id not in topic.members:
+                    await self.manager.add_member(name, s.device_id)
+                s.emit_located(self.address, name)
+        except NotFound:
+            s.emit_error(errors.UNKNOWN_TOPIC, f"no topic {name!r}", name)
+        except StoreUnavailable:
+            s.emit_error(errors.UNAVAILABLE, "registry unavailable, retry later", name)
+        s.mark_dirty()
+
+    async def leave_topic(self, s: Session, name: str) -> None:
+        try:
+            if await self.manager.remove_member(name, s.device_id):
+                s.emit_ok("LEAVE_TOPIC", name)
+            else:
+                s.emit_error(errors.NOT_A_MEMBER, f"not a member of topic {name!r}", name)
+        except NotFound:
+            s.emit_error(errors.UNKNOWN_TOPIC, f"no topic {name!r}", name)
+        except StoreUnavailable:
+            s.emit_error(errors.UNAVAILABLE, "registry unavailable, retry later", name)
+        s.mark_dirty()
+
+
+def valid_name(name: str) -> bool:
+    """Device ids and topic names end up in MQTT topics: no wildcards, separators or NUL."""
+    return 0 < len(name) <= MAX_NAME_LEN and not any(c in name for c in "/+#\0")
