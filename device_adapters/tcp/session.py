@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import cast
 import socket
 import time
 from collections.abc import Callable
+from typing import Any, cast
 
 from device_adapters.tcp.framing import FrameDecoder, FrameError, append_frame
 from device_adapters.tcp.listener import TcpListener
@@ -30,7 +30,10 @@ log = logging.getLogger("fishchat.tcp")
 
 MAX_BAD_FRAMES = 20  # a token session sending more bad frames than this is closed
 
-Handler = Callable[["TcpSession", list[str]], None]
+# A handler returns a task when the command finishes later (it needs the store): the
+# session's next frames wait for it, so a device's commands take effect in the order
+# it sent them (JOIN_TOPIC then SEND_MESSAGE_TOPIC; a topic message then a p2p one).
+Handler = Callable[["TcpSession", list[str]], "asyncio.Task[Any] | None"]
 
 
 class TcpSession(Session, asyncio.Protocol):
@@ -44,10 +47,12 @@ class TcpSession(Session, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.logging_in = False
+        self.waiting = False  # a command is waiting for the store: hold the next frames
         self.held: list[tuple[str, list[str]] | FrameError] = []
         self.login_task: asyncio.Task[None] | None = None
         self.login_timer: asyncio.TimerHandle | None = None
         self.bad_frames = 0
+        self.spoof_logged = False
         self._write_paused = False
         self._read_pauses = 0
 
@@ -74,6 +79,16 @@ class TcpSession(Session, asyncio.Protocol):
             self.login_task.cancel()
         self.server.session_closed(self)
 
+    def eof_received(self) -> bool | None:
+        if self.decoder.buffered:
+            who = f"{self.device_id} ({self.peer})" if self.node is not None else self.peer
+            log.warning(
+                "%s hung up in the middle of a frame (%d bytes of it received)",
+                who,
+                self.decoder.buffered,
+            )
+        return None  # close the transport
+
     def pause_writing(self) -> None:
         self._write_paused = True
 
@@ -90,8 +105,9 @@ class TcpSession(Session, asyncio.Protocol):
     # -- command dispatch ------------------------------------------------------------
     def _handle(self, items: list[tuple[str, list[str]] | FrameError]) -> None:
         for i, item in enumerate(items):
-            if self.logging_in:
-                self.held.extend(items[i:])  # bounded: reading is paused during login
+            if self.logging_in or self.waiting:
+                # Bounded: reading is paused during login and while a command waits.
+                self.held.extend(items[i:])
                 return
             if self.transport is None or self.transport.is_closing():
                 return
@@ -116,11 +132,29 @@ class TcpSession(Session, asyncio.Protocol):
                 want = f"{lo}" if lo == hi else f"{lo} to {hi}"
                 self._bad_input(errors.BAD_ARGS, f"{cmd} takes {want} arguments, got {len(args)}")
                 continue
-            handler(self, args)
+            task = handler(self, args)
+            if task is not None and not task.done():
+                self.waiting = True
+                self._pause_reading()
+                task.add_done_callback(self._command_done)
+
+    def _command_done(self, task: asyncio.Task[Any]) -> None:
+        self.waiting = False
+        held, self.held = self.held, []
+        self._handle(held)
+        self._resume_reading()
 
     def _bad_frame(self, err: FrameError) -> None:
-        if err.fatal or self.node is None:
+        if self.node is None:
             self._refuse(err.code, err.text)
+        elif err.fatal:
+            # The stream cannot be resynced: close. A v1 session is only closed (it
+            # must never be sent ERROR); a token session is told why first.
+            log.warning(
+                "bad input from %s (%s): %s: %s", self.device_id, self.peer, err.code, err.text
+            )
+            self.drop(err.code, err.text)
+            self.server.session_closed(self)
         else:
             self._bad_input(err.code, err.text)
 
@@ -154,7 +188,15 @@ class TcpSession(Session, asyncio.Protocol):
             self._refuse(errors.BAD_ARGS, "SEND_CLIENT_ID takes [id] or [id, token]")
             return
         if not valid_name(args[0]) or len(args[0]) > 64:
-            self._refuse(errors.AUTH_FAILED, f"invalid device id {args[0][:70]!r}")
+            if len(args) == 1:
+                # A v1 login: a v1 client cannot parse ERROR, so close without one.
+                log.warning(
+                    "refused v1 login of %r from %s: invalid device id", args[0][:70], self.peer
+                )
+                if self.transport is not None:
+                    self.transport.close()
+            else:
+                self._refuse(errors.AUTH_FAILED, f"invalid device id {args[0][:70]!r}")
             return
         self.logging_in = True
         self._pause_reading()
@@ -280,6 +322,16 @@ def _ping(s: TcpSession, args: list[str]) -> None:
 
 def _send_p2p(s: TcpSession, args: list[str]) -> None:
     # [to, msg, from] (v1; from is ignored: the session's id is the sender) [, id]
+    if args[2] and args[2] != s.device_id and not s.spoof_logged:
+        s.spoof_logged = True  # once per session: a misbehaving device must not flood the log
+        log.warning(
+            "device %s (%s) claimed from=%r in SEND_MESSAGE_P2P: ignored, the sender is %s"
+            " (not logged again for this session)",
+            s.device_id,
+            s.peer,
+            args[2][:70],
+            s.device_id,
+        )
     s.server.send_p2p(s, args[0], args[1], args[3] if len(args) > 3 and not s.v1 else "")
 
 
@@ -288,20 +340,20 @@ def _ack(s: TcpSession, args: list[str]) -> None:
     s.server.ack(s, args[1:])
 
 
-def _create_topic(s: TcpSession, args: list[str]) -> None:
-    s.server.spawn(s.server.create_topic(s, args[0]), "create-topic")
+def _create_topic(s: TcpSession, args: list[str]) -> asyncio.Task[Any]:
+    return s.server.spawn(s.server.create_topic(s, args[0]), "create-topic")
 
 
-def _join_topic(s: TcpSession, args: list[str]) -> None:
-    s.server.spawn(s.server.join_topic(s, args[0]), "join-topic")
+def _join_topic(s: TcpSession, args: list[str]) -> asyncio.Task[Any]:
+    return s.server.spawn(s.server.join_topic(s, args[0]), "join-topic")
 
 
-def _leave_topic(s: TcpSession, args: list[str]) -> None:
-    s.server.spawn(s.server.leave_topic(s, args[0]), "leave-topic")
+def _leave_topic(s: TcpSession, args: list[str]) -> asyncio.Task[Any]:
+    return s.server.spawn(s.server.leave_topic(s, args[0]), "leave-topic")
 
 
-def _send_topic(s: TcpSession, args: list[str]) -> None:
-    s.server.send_topic(s, args[0], args[1], args[2] if len(args) > 2 and not s.v1 else "")
+def _send_topic(s: TcpSession, args: list[str]) -> asyncio.Task[Any] | None:
+    return s.server.send_topic(s, args[0], args[1], args[2] if len(args) > 2 and not s.v1 else "")
 
 
 def _logout(s: TcpSession, args: list[str]) -> None:

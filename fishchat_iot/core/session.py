@@ -41,6 +41,9 @@ class Session(abc.ABC):
         self.inflight: dict[str, tuple[Envelope, bool]] = {}
         self.cursor = 0  # highest okey read from the durable queue in this session
         self.last_seen = 0.0
+        # Seconds of silence after which the node closes the session; 0 = the node's
+        # [tcp] keepalive, math.inf = never (an MQTT CONNECT with keepalive 0).
+        self.idle_timeout = 0.0
         self.logged_in_ms = 0
         self.pending_receipts = 0  # sends waiting for the store before ACCEPTED
         self.drain_task: asyncio.Task[None] | None = None

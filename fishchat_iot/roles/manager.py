@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Literal
 
 from fishchat_iot.stores.base import DeviceRecord, Store, TopicRecord
 
@@ -38,9 +39,11 @@ class Manager:
         self._tasks.add(asyncio.create_task(self._housekeeping(), name="manager-housekeeping"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        # Copy: a finished task removes itself from the set while we wait on it.
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
@@ -64,7 +67,7 @@ class Manager:
             self._devices[device_id] = rec
         return rec
 
-    def cached_topic(self, name: str) -> TopicRecord | None | bool:
+    def cached_topic(self, name: str) -> TopicRecord | Literal[False] | None:
         """The cached topic, None if known not to exist, False if not cached."""
         return self._topics.get(name, False)
 

@@ -83,6 +83,8 @@ class MsgServer:
         self._flush_handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Set when the latest hand-off has passed its registry check (see _hand_off).
+        self._handoff_gate: asyncio.Future[None] | None = None
         manager.on_revoked.append(self.revoked)
 
     # -- lifecycle ---------------------------------------------------------------
@@ -145,10 +147,16 @@ class MsgServer:
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
-            cutoff = now - keepalive
-            for s in [s for s in self.sessions.values() if s.last_seen < cutoff]:
+            # A session may bring its own limit (MQTT: 1.5 x the keepalive of its CONNECT).
+            silent = [
+                s
+                for s in self.sessions.values()
+                if now - s.last_seen > (s.idle_timeout or keepalive)
+            ]
+            for s in silent:
+                limit = s.idle_timeout or keepalive
                 log.info("session %s silent for %.0f s: closing", s.device_id, now - s.last_seen)
-                s.drop(errors.KEEPALIVE_TIMEOUT, f"no traffic for {keepalive:g} s")
+                s.drop(errors.KEEPALIVE_TIMEOUT, f"no traffic for {limit:g} s")
                 self.session_closed(s)
             if now - last_beat >= 2.0:
                 last_beat = now
@@ -276,16 +284,20 @@ class MsgServer:
         else:
             self._hand_off([env], s, accepted=False, check_recipient=True)
 
-    def send_topic(self, s: Session, name: str, body: str, msg_id: str = "") -> None:
+    def send_topic(
+        self, s: Session, name: str, body: str, msg_id: str = ""
+    ) -> asyncio.Task[None] | None:
+        """Returns the task when the topic must be looked up first: the adapter holds
+        the session's next commands until it is done (per-pair order)."""
         mid = self._check_id(s, msg_id)
         if mid is None:
-            return
+            return None
         topic = self.manager.cached_topic(name)
         if topic is False:  # not cached: look it up first
             self._begin_receipt(s)
-            self.spawn(self._send_topic_uncached(s, name, body, mid), "send-topic")
-        else:
-            self._send_topic_to(s, name, body, mid, topic)  # type: ignore[arg-type]
+            return self.spawn(self._send_topic_uncached(s, name, body, mid), "send-topic")
+        self._send_topic_to(s, name, body, mid, topic)
+        return None
 
     async def _send_topic_uncached(self, s: Session, name: str, body: str, mid: str) -> None:
         try:
@@ -363,7 +375,16 @@ class MsgServer:
             self._arrivals[env.to] = self._arrivals.get(env.to, 0) + 1
         if sender is not None:
             self._begin_receipt(sender)
-        self.spawn(self._hand_off_task(envs, sender, accepted, check_recipient), "hand-off")
+        # Hand-offs reach the store in the order they were started (order-key order), so
+        # the queue bound or a crash cuts a sender's stream at one point: never a later
+        # message stored and an earlier one refused or lost (then resent after it). Only
+        # a registry look-up (recipient not cached) makes a hand-off wait before it
+        # submits; each hand-off lets the next one go once it is past that point.
+        prev, gate = self._handoff_gate, asyncio.get_running_loop().create_future()
+        self._handoff_gate = gate
+        self.spawn(
+            self._hand_off_task(envs, sender, accepted, check_recipient, prev, gate), "hand-off"
+        )
 
     async def _hand_off_task(
         self,
@@ -371,15 +392,26 @@ class MsgServer:
         sender: Session | None,
         accepted: bool,
         check_recipient: bool,
+        prev: asyncio.Future[None] | None,
+        gate: asyncio.Future[None],
     ) -> None:
         code, text = "", ""
         try:
-            if check_recipient:
-                rec = await self.manager.device(envs[0].to)
-                if rec is None:
-                    code, text = errors.UNKNOWN_DEVICE, f"no device {envs[0].to!r}"
-                elif rec.revoked:
-                    code, text = errors.UNKNOWN_DEVICE, f"device {envs[0].to!r} is revoked"
+            try:
+                if prev is not None and not prev.done():
+                    await asyncio.shield(prev)
+                if check_recipient:
+                    rec = await self.manager.device(envs[0].to)
+                    if rec is None:
+                        code, text = errors.UNKNOWN_DEVICE, f"no device {envs[0].to!r}"
+                    elif rec.revoked:
+                        code, text = errors.UNKNOWN_DEVICE, f"device {envs[0].to!r} is revoked"
+            finally:
+                # The store call below is submitted before the next hand-off resumes.
+                if not gate.done():
+                    gate.set_result(None)
+                if self._handoff_gate is gate:
+                    self._handoff_gate = None
             if not code:
                 results = await self._route_with_retry(envs, accepted)
                 for env, r in zip(envs, results, strict=True):
@@ -493,12 +525,20 @@ class MsgServer:
                     continue
                 if s.mode is not Mode.BACKLOG:
                     return
+                written: list[str] = []
                 for env in batch:
                     s.cursor = env.okey
                     if env.id in s.inflight:
                         continue
                     s.push(env, True)
                     self.msgs_out += 1
+                    if s.v1 and env.kind == KIND_TOPIC:
+                        written.append(env.id)
+                if written:
+                    # v1 cannot ack topic messages (RESP_MESSAGE_TOPIC has no id): they
+                    # count as delivered once written, so their queued copies go now,
+                    # or they would come again at every login.
+                    self.spawn(self._ack_stored(device, written), "ack")
                 if not batch and not self._pending.get(device):
                     if self._arrivals.get(device, 0) == arrivals:
                         s.mode = Mode.LIVE
