@@ -249,7 +249,12 @@ async def _sim(args: argparse.Namespace, settings: Settings, bundles: list[str])
     from firmware_sim.tcp_device import DeviceError
 
     # Acked once recorded: nothing the run receives is swallowed unseen.
-    devices = [device_for(settings, b, args.gateway, auto_ack=False) for b in bundles]
+    if args.transport == "mqtt":
+        from fishchat_iot.cli.mqtt import mqtt_device_for
+
+        devices = [mqtt_device_for(settings, b, args.mqtt, auto_ack=False) for b in bundles]
+    else:
+        devices = [device_for(settings, b, args.gateway, auto_ack=False) for b in bundles]
     ids = [d.device_id for d in devices]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -349,5 +354,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="HOST:PORT",
         help="gateway to ask for a msg_server (default: the server running on --data-dir, "
         "then the bundles' addresses)",
+    )
+    p.add_argument(
+        "--transport",
+        choices=("tcp", "mqtt"),
+        default="tcp",
+        help="how the devices connect: FishChat TCP (default) or MQTT (docs/protocol.md)",
+    )
+    p.add_argument(
+        "--mqtt",
+        metavar="HOST:PORT",
+        help="with --transport mqtt: the broker (default: the running server's MQTT listener, "
+        "then the bundles' 'mqtt' addresses, then mqtt.port on node.advertise_host)",
     )
     p.set_defaults(func=cmd_sim)

@@ -1,0 +1,26 @@
+"""Firmware simulator: device SDKs that speak FishChat's device protocols, and the fleet
+runner built on them (DESIGN section 7).
+
+``TcpDevice`` / ``V1Device`` (``firmware_sim.tcp_device``) drive the TCP protocol of
+``docs/protocol.md``; ``load_bundle`` reads the provisioning bundle ``fishchat-iot device
+register`` writes.
+"""
+
+import logging
+
+from firmware_sim.bundle import Bundle, BundleError, load_bundle, parse_bundle
+from firmware_sim.tcp_device import DeviceError, Message, TcpDevice, V1Device
+
+# A library logs; the application decides where to (no "lastResort" lines on stderr).
+logging.getLogger("firmware_sim").addHandler(logging.NullHandler())
+
+__all__ = [
+    "Bundle",
+    "BundleError",
+    "DeviceError",
+    "Message",
+    "TcpDevice",
+    "V1Device",
+    "load_bundle",
+    "parse_bundle",
+]
