@@ -1,6 +1,7 @@
 """The embedded deployment: every role in one asyncio process (``fishchat-iot up``) —
-gateway and msg_server TCP listeners, router, manager, the in-process bus and the
-SQLite store — plus the status file that ``fishchat-iot status`` reads."""
+gateway and msg_server TCP listeners, the MQTT edge (embedded broker or external-broker
+client), router, manager, the in-process bus and the SQLite store — plus the status file
+that ``fishchat-iot status`` reads."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from device_adapters.tcp.gateway import GatewayConnection
 from device_adapters.tcp.listener import TcpListener
@@ -28,6 +29,17 @@ log = logging.getLogger("fishchat.app")
 
 STATUS_FILE = "status.json"
 STATUS_PERIOD = 2.0
+
+
+class MqttEdge(Protocol):
+    """The MQTT adapter in either mode (device_adapters/mqtt)."""
+
+    @property
+    def address(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class EmbeddedApp:
@@ -52,6 +64,8 @@ class EmbeddedApp:
             tcp.gateway_port,
         )
         self.msg_server: MsgServer | None = None
+        self.mqtt: MqttEdge | None = None  # mqtt.mode "embedded" or "external"
+        self.serial: Any = None  # the serial adapter, when [serial] lists ports
         self._status_task: asyncio.Task[None] | None = None
         self.started_ms = now_ms()
 
@@ -74,23 +88,62 @@ class EmbeddedApp:
             )
             await self.msg_server.start()
             await self.gateway_listener.start()
+            await self._start_mqtt(self.msg_server)
+            await self._start_serial()
         except BaseException:
             await self.stop()
             raise
         self._status_task = asyncio.get_running_loop().create_task(self._write_status_forever())
 
+    async def _start_mqtt(self, msg_server: MsgServer) -> None:
+        # Imported here: amqtt and paho are heavy, and not needed with mqtt.mode = "off".
+        mode = self.settings.mqtt.mode
+        if mode == "embedded":
+            from device_adapters.mqtt.broker import EmbeddedMqtt
+
+            self.mqtt = EmbeddedMqtt(self.settings, msg_server, self.manager)
+        elif mode == "external":
+            from device_adapters.mqtt.external import ExternalMqtt
+
+            self.mqtt = ExternalMqtt(self.settings, msg_server, self.manager)
+        else:
+            return
+        await self.mqtt.start()
+
+    async def _start_serial(self) -> None:
+        """The serial adapter in this process, for the ports of [serial] (docs/serial.md);
+        ports that name no upstream use this msg_server. ConfigError if a port is wrong."""
+        if not self.settings.serial.ports:
+            return
+        from device_adapters.serial.adapter import SerialAdapter
+
+        host = self.settings.tcp.host
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        self.serial = SerialAdapter(self.settings.serial, f"{host}:{self.msg_listener.port}")
+        await self.serial.start()
+
     def listeners(self) -> dict[str, str]:
         host = self.settings.node.advertise_host
-        return {
+        addrs = {
             "gateway": f"{host}:{self.gateway_listener.port}",
             "msg_server": f"{host}:{self.msg_listener.port}",
         }
+        if self.mqtt is not None:
+            addrs["mqtt"] = self.mqtt.address
+        return addrs
 
     async def stop(self) -> None:
         if self._status_task is not None:
             self._status_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._status_task
+        if self.serial is not None:
+            await self.serial.stop()
+        if self.mqtt is not None:
+            await self.mqtt.stop()
         await self.gateway_listener.stop()
         await self.msg_listener.stop()
         if self.msg_server is not None:

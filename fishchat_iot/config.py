@@ -6,6 +6,7 @@ Every option is documented with its default and unit in ``docs/configuration.md`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -53,11 +54,90 @@ class StoreSettings:
 
 
 @dataclass
+class SerialPortSettings:
+    """One ``[[serial.ports]]`` entry: a port and the one device on it (docs/serial.md)."""
+
+    url: str = ""  # pyserial URL: /dev/ttyUSB0, rfc2217://h:p, socket://h:p, loop://
+    name: str = ""  # label in logs and counters; "" = the url
+    baudrate: int = 0  # 0 = serial.baudrate
+    crc: str = ""  # "crc16" or "crc32"; "" = serial.crc
+    msg_server: str = ""  # upstream host:port; "" = serial.msg_server
+    gateway: str = ""  # ask this gateway for a msg_server; "" = serial.gateway
+
+
+def _parse_serial_ports(value: Any, where: str) -> list[SerialPortSettings]:
+    """``[[serial.ports]]`` tables (or, from the environment, a JSON list of objects)."""
+    if isinstance(value, str):
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(value)
+    if not isinstance(value, list):
+        raise ConfigError(
+            f"{where}: expected a list of port tables ([[serial.ports]] in TOML, a JSON "
+            "list of objects in JSON or in the environment)"
+        )
+    ports = []
+    for i, item in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{at}: expected a table with at least a url")
+        port = SerialPortSettings()
+        known = {f.name: f for f in dataclasses.fields(port)}
+        for key, raw in item.items():
+            f = known.get(key)
+            if f is None:
+                raise ConfigError(f"{at}: unknown option {key} (known: {', '.join(known)})")
+            ftype = f.type if isinstance(f.type, str) else f.type.__name__
+            setattr(port, key, _coerce(raw, _TYPES[ftype], f"{at}.{key}"))
+        if not port.url.strip():
+            raise ConfigError(f"{at}: no url: give the port's device path or pyserial URL")
+        ports.append(port)
+    return ports
+
+
+@dataclass
+class SerialSettings:
+    # The ports of `run serial-adapter` (or of `up`); see SerialPortSettings.
+    ports: list[SerialPortSettings] = field(
+        default_factory=list, metadata={"parse": _parse_serial_ports}
+    )
+    baudrate: int = 115200  # bits per second, for ports that do not say
+    crc: str = "crc16"  # "crc16" (CRC-16/CCITT-FALSE) or "crc32", for ports that do not say
+    max_frame: int = 65536  # bytes of body; a longer frame is dropped and NACKed
+    msg_server: str = ""  # upstream host:port; "" = the local one in `up`
+    gateway: str = ""  # ask this gateway (host:port) for a msg_server instead
+    reopen_min: float = 0.5  # seconds before reopening a port that vanished
+    reopen_max: float = 30.0  # seconds: the backoff doubles up to this
+    connect_timeout: float = 10.0  # seconds to reach the upstream msg_server
+
+
+@dataclass
+class MqttSettings:
+    mode: str = "embedded"  # "embedded" (amqtt in this process), "external" or "off"
+    host: str = "127.0.0.1"  # bind address of the embedded broker
+    port: int = 1883  # embedded broker's listener; 0 = pick a free port
+    keepalive_factor: float = 1.5  # close a session silent for this x its MQTT keepalive
+    max_qos: int = 1  # highest QoS the gateway publishes on fc/{id}/in (0 or 1)
+    max_payload: int = 65536  # bytes of one envelope; a larger one is refused on the inbox
+    max_packet: int = 1048576  # bytes of one MQTT packet; a larger one closes the connection
+    connect_timeout: float = 10.0  # seconds a connection may stay without a CONNECT
+    broker_host: str = "127.0.0.1"  # external mode: the broker the gateway attaches to
+    broker_port: int = 1883  # external mode
+    username: str = "fishchat-gateway"  # external mode: the gateway's own broker account
+    password: str = ""  # external mode: its password
+    client_id: str = ""  # external mode: "" = fishchat-gateway-<random>
+    share_group: str = "fishchat"  # external mode: uplinks via $share/<group>/...
+    broker_keepalive: int = 30  # external mode: seconds, the gateway's own MQTT keepalive
+    uplink_max: int = 10000  # external mode: broker messages waiting for the event loop
+
+
+@dataclass
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     tcp: TcpSettings = field(default_factory=TcpSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    serial: SerialSettings = field(default_factory=SerialSettings)
 
     @property
     def data_dir(self) -> Path:
@@ -105,6 +185,10 @@ def _apply(settings: Settings, section: str, key: str, value: Any, where: str) -
     fields = {f.name: f for f in dataclasses.fields(sect)}
     if key not in fields:
         raise ConfigError(f"{where}: unknown option {section}.{key} (known: {', '.join(fields)})")
+    parse = fields[key].metadata.get("parse")
+    if parse is not None:  # an option that is not a scalar (serial.ports)
+        setattr(sect, key, parse(value, where))
+        return
     ftype = fields[key].type
     target = _TYPES[ftype if isinstance(ftype, str) else ftype.__name__]
     setattr(sect, key, _coerce(value, target, where))

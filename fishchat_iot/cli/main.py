@@ -34,7 +34,7 @@ from fishchat_iot.cli.output import (
     print_error,
 )
 
-COMMAND_MODULES = ("device", "topic", "status", "up", "run", "sim", "send")
+COMMAND_MODULES = ("device", "topic", "status", "up", "run", "sim", "send", "mqtt")
 
 DEBUG_ENV = "FISHCHAT_DEBUG"
 

@@ -15,7 +15,9 @@ from typing import Any
 
 from fishchat_iot.cli.context import settings_from_args
 from fishchat_iot.cli.output import CliError
-from fishchat_iot.config import Settings
+from fishchat_iot.config import ConfigError, Settings
+
+MQTT_MODES = ("embedded", "external", "off")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,10 +27,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run gateway, msg_server, router and manager in one process on the "
         "embedded SQLite store, print where devices connect, and serve until Ctrl-C.",
     )
-    p.add_argument("--host", help="bind address of the listeners (tcp.host, default 127.0.0.1)")
+    p.add_argument(
+        "--host", help="bind address of the listeners (tcp.host, mqtt.host; default 127.0.0.1)"
+    )
     p.add_argument("--gateway-port", type=int, help="gateway port (default 17000; 0 = any free)")
     p.add_argument("--msg-port", type=int, help="msg_server port (default 19000; 0 = any free)")
-    p.add_argument("--mqtt-port", type=int, help="MQTT port (the MQTT edge is not built yet)")
+    p.add_argument(
+        "--mqtt-port", type=int, help="embedded MQTT broker port (default 1883; 0 = any free)"
+    )
+    p.add_argument(
+        "--mqtt-mode",
+        choices=MQTT_MODES,
+        help="embedded amqtt broker (default), attach to an external broker, or no MQTT",
+    )
     p.add_argument("--monitor-port", type=int, help="monitor port (the monitor is not built yet)")
     p.add_argument("--no-v1", action="store_true", help="refuse token-less v1 logins")
     p.add_argument("--keepalive", type=float, help="seconds of silence before a session closes")
@@ -41,6 +52,7 @@ def settings_for_up(args: argparse.Namespace) -> Settings:
     tcp = settings.tcp
     if args.host is not None:
         tcp.host = args.host
+        settings.mqtt.host = args.host
     if args.gateway_port is not None:
         tcp.gateway_port = args.gateway_port
     if args.msg_port is not None:
@@ -51,7 +63,22 @@ def settings_for_up(args: argparse.Namespace) -> Settings:
         tcp.keepalive = args.keepalive
     if args.log_level is not None:
         settings.node.log_level = args.log_level
-    for name, port in (("--gateway-port", tcp.gateway_port), ("--msg-port", tcp.msg_port)):
+    mqtt = settings.mqtt
+    if args.mqtt_port is not None:
+        mqtt.port = args.mqtt_port
+    if args.mqtt_mode is not None:
+        mqtt.mode = args.mqtt_mode
+    if mqtt.mode not in MQTT_MODES:
+        raise CliError(
+            f"mqtt.mode {mqtt.mode!r} is not one of {', '.join(MQTT_MODES)}: fix the config "
+            "or pass --mqtt-mode"
+        )
+    ports = (
+        ("--gateway-port", tcp.gateway_port),
+        ("--msg-port", tcp.msg_port),
+        ("--mqtt-port", mqtt.port),
+    )
+    for name, port in ports:
         if not 0 <= port <= 65535:
             raise CliError(f"{name} {port} is not a port number: use 0 to 65535 (0 = any free)")
     return settings
@@ -87,7 +114,7 @@ async def _serve(settings: Settings, as_json: bool) -> int:
     app = EmbeddedApp(settings)
     try:
         await app.start()
-    except ListenError as exc:
+    except (ListenError, ConfigError) as exc:  # ConfigError: a [serial] port
         raise CliError(str(exc)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -100,6 +127,9 @@ async def _serve(settings: Settings, as_json: bool) -> int:
         print("FishChat IoT is up (embedded: every role in this process)")
         print(f"  gateway     {addrs['gateway']}   devices ask here for their msg_server")
         print(f"  msg_server  {addrs['msg_server']}   FishChat v1 TCP protocol (docs/protocol.md)")
+        if "mqtt" in addrs:
+            how = "embedded broker" if settings.mqtt.mode == "embedded" else "external broker"
+            print(f"  mqtt        {addrs['mqtt']}   MQTT, {how} (docs/protocol.md)")
         print(f"  data        {settings.sqlite_path}")
         print("Register a device: fishchat-iot device register NAME   Stop: Ctrl-C")
     sys.stdout.flush()
