@@ -6,9 +6,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from support.mongo import fresh_database_name, mongo_url
 
 from fishchat_iot.stores.base import Store
+from fishchat_iot.stores.mongo import MongoStore
 from fishchat_iot.stores.sqlite import SqliteStore
+
+__all__ = ["mongo_url"]  # the session fixture, re-exported for the tests here
 
 # A factory gets the test's request, so a backend that needs a server (MongoDB) can
 # ask for its own fixture with ``request.getfixturevalue(...)``. It returns an opened
@@ -23,8 +27,26 @@ async def _sqlite(request: pytest.FixtureRequest) -> Store:
     return store
 
 
+async def _mongodb(request: pytest.FixtureRequest) -> Store:
+    # A fresh database per test (dropped afterwards): the test server slows down as
+    # its collections grow, and a real server may be shared.
+    url = request.getfixturevalue("mongo_url")
+    store = MongoStore(url, fresh_database_name(), timeout_s=10.0)
+    await store.open()
+    request.addfinalizer(lambda: _drop_database(url, store.database))
+    return store
+
+
+def _drop_database(url: str, name: str) -> None:
+    from pymongo import MongoClient
+
+    with MongoClient(url, serverSelectionTimeoutMS=5000) as client:
+        client.drop_database(name)
+
+
 BACKENDS: dict[str, StoreFactory] = {
     "sqlite": _sqlite,
+    "mongodb": _mongodb,
 }
 
 
