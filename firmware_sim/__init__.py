@@ -2,13 +2,16 @@
 runner built on them (DESIGN section 7).
 
 ``TcpDevice`` / ``V1Device`` (``firmware_sim.tcp_device``) drive the TCP protocol of
-``docs/protocol.md``; ``load_bundle`` reads the provisioning bundle ``fishchat-iot device
-register`` writes.
+``docs/protocol.md``, ``MqttDevice`` (``firmware_sim.mqtt_device``) its MQTT topics and
+``SerialDevice`` (``firmware_sim.serial_device``) the serial framing of ``docs/serial.md``;
+``load_bundle`` reads the provisioning bundle ``fishchat-iot device register`` writes.
 """
 
 import logging
 
 from firmware_sim.bundle import Bundle, BundleError, load_bundle, parse_bundle
+from firmware_sim.mqtt_device import MqttDevice
+from firmware_sim.serial_device import SerialDevice
 from firmware_sim.tcp_device import DeviceError, Message, TcpDevice, V1Device
 
 # A library logs; the application decides where to (no "lastResort" lines on stderr).
@@ -19,6 +22,8 @@ __all__ = [
     "BundleError",
     "DeviceError",
     "Message",
+    "MqttDevice",
+    "SerialDevice",
     "TcpDevice",
     "V1Device",
     "load_bundle",

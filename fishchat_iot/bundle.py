@@ -61,7 +61,8 @@ def new_bundle(
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The bundle for a freshly registered device: the devices are told to connect to
-    ``node.advertise_host`` on the gateway and msg_server ports. ``extra`` adds keys."""
+    ``node.advertise_host`` on the gateway and msg_server ports, and to the MQTT broker
+    (the embedded one, or the external one devices share). ``extra`` adds keys."""
     host = settings.node.advertise_host
     bundle: dict[str, Any] = {
         "id": device_id,
@@ -71,6 +72,11 @@ def new_bundle(
         "v1": v1,
         "created_ms": created_ms,
     }
+    mqtt = settings.mqtt
+    if mqtt.mode == "embedded":
+        bundle["mqtt"] = [host_port(host, mqtt.port)]
+    elif mqtt.mode == "external":
+        bundle["mqtt"] = [host_port(mqtt.broker_host, mqtt.broker_port)]
     if extra:
         bundle.update(extra)
     return bundle

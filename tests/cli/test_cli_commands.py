@@ -188,11 +188,12 @@ def test_register_prints_token_once_and_writes_a_private_bundle(reg: Registry) -
     assert stat.S_IMODE(bundle_path.stat().st_mode) == 0o600
     assert stat.S_IMODE(bundle_path.parent.stat().st_mode) == 0o700
     bundle = json.loads(bundle_path.read_text())
-    assert set(bundle) == {"id", "token", "gateway", "msg_server", "v1", "created_ms"}
+    assert {"id", "token", "gateway", "msg_server", "mqtt", "v1", "created_ms"} <= set(bundle)
     assert bundle["id"] == "lamp-1"
     assert bundle["token"] == token
     assert bundle["gateway"] == ["127.0.0.1:17000"]
     assert bundle["msg_server"] == ["127.0.0.1:19000"]
+    assert bundle["mqtt"] == ["127.0.0.1:1883"]
     assert bundle["v1"] is False
 
     device = store_get(reg.data_dir, "lamp-1")
