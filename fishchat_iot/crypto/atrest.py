@@ -1,0 +1,134 @@
+"""Sealing at rest (docs/crypto.md section 7): bodies that are not sealed end to end (v1
+sessions, plaintext token sessions) are sealed with ChaCha20-Poly1305 under a server key
+before they reach a durable queue, and opened when they are read back for delivery.
+
+The key is 32 random bytes in ``{data_dir}/server.key`` (base64, one line, mode 0600),
+created on the first start; it is never in the database. Live deliveries (the hot path)
+never touch it: only the store hand-off and the queue feed do, through ``SealedStore``,
+which wraps any ``Store``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, cast
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from fishchat_iot.core.envelope import Envelope
+from fishchat_iot.crypto.seal import (
+    KEY_LEN,
+    NONCE_LEN,
+    CryptoError,
+    Header,
+    b64d,
+    b64e,
+    header_bytes,
+)
+from fishchat_iot.stores.base import Enqueued, Store
+
+log = logging.getLogger("fishchat.crypto")
+
+ENC_AT_REST = "server-chacha20poly1305"
+SERVER_KEY_FILE = "server.key"
+KEY_MODE = 0o600
+
+
+def load_server_key(path: str | Path) -> bytes:
+    """The server key in ``path``, created (mode 0600, never over an existing file) when
+    there is none. CryptoError when the file is unusable or readable by others."""
+    p = Path(path)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(p, flags, KEY_MODE)
+    except FileExistsError:
+        pass
+    else:
+        try:
+            os.fchmod(fd, KEY_MODE)
+            os.write(fd, (b64e(os.urandom(KEY_LEN)) + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        log.debug("created the server key %s (mode 0600)", p)
+    mode = p.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise CryptoError(f"server key {p} has mode {mode:o}: it must be 0600 (chmod 600 {p})")
+    try:
+        key = b64d(p.read_text(encoding="ascii").strip())
+    except (UnicodeDecodeError, CryptoError):
+        raise CryptoError(f"server key {p} is not base64") from None
+    if len(key) != KEY_LEN:
+        raise CryptoError(f"server key {p} does not hold 32 bytes")
+    return key
+
+
+class AtRest:
+    """Seal / open one envelope's body under the server key. The header of docs/crypto.md
+    (id, from, to, ts, kind, enc = ``server-chacha20poly1305``, epoch 0) is the associated
+    data; the stored body is base64(nonce (12) | ciphertext | tag)."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = ChaCha20Poly1305(key)
+
+    @staticmethod
+    def _ad(env: Envelope) -> bytes:
+        return header_bytes(Header(env.id, env.sender, env.to, env.ts, env.kind, ENC_AT_REST, 0))
+
+    def seal(self, env: Envelope) -> Envelope:
+        if env.enc != "none":
+            return env  # already ciphertext (end to end)
+        nonce = os.urandom(NONCE_LEN)
+        ct = self._aead.encrypt(nonce, env.body.encode("utf-8"), self._ad(env))
+        return replace(env, body=b64e(nonce + ct), enc=ENC_AT_REST)
+
+    def open(self, env: Envelope) -> Envelope:
+        if env.enc != ENC_AT_REST:
+            return env
+        try:
+            raw = b64d(env.body)
+            body = self._aead.decrypt(raw[:NONCE_LEN], raw[NONCE_LEN:], self._ad(env))
+        except (CryptoError, InvalidTag, ValueError):
+            # Wrong or replaced server key, or a changed row: delivered as it is (a token
+            # session's SDK drops a body it cannot open; a v1 session is not sent it).
+            log.error(
+                "queued message %s from %s to %s does not open under the server key",
+                env.id,
+                env.sender,
+                env.to,
+            )
+            return env
+        return replace(env, body=body.decode("utf-8"), enc="none")
+
+
+class SealedStore:
+    """A ``Store`` whose offline queues hold bodies sealed at rest: ``enqueue`` seals,
+    ``pending`` opens; everything else is the wrapped store's."""
+
+    def __init__(self, inner: Store, atrest: AtRest | None = None) -> None:
+        self._inner = inner
+        self.atrest = atrest  # set before the first enqueue (EmbeddedApp.start)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _keyed(self) -> AtRest:
+        if self.atrest is None:
+            raise RuntimeError("the server key is not loaded")
+        return self.atrest
+
+    async def enqueue(self, envelopes: Sequence[Envelope], max_len: int) -> list[Enqueued]:
+        seal = self._keyed().seal
+        return await self._inner.enqueue([seal(e) for e in envelopes], max_len)
+
+    async def pending(self, device_id: str, after_okey: int, limit: int) -> list[Envelope]:
+        opened = self._keyed().open
+        return [opened(e) for e in await self._inner.pending(device_id, after_okey, limit)]
+
+    def as_store(self) -> Store:
+        return cast(Store, self)
