@@ -1,0 +1,314 @@
+"""The most efficient client for the gateway's TCP framing: raw ``asyncio.Protocol``
+connections (no SDK), every frame pre-encoded, ``batch`` frames per write, receipts
+and deliveries recognised by their byte prefix, acks batched per read.
+
+Workload: ``pairs`` sender → receiver pairs logged in straight to the msg_server; each
+sender sends its share of ``count`` p2p messages, at most ``window`` without a receipt;
+each receiver acks what it gets. Done when every message is delivered and every
+receipt is back. Latency: from the write of a message's batch to its delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from array import array
+from typing import Any
+
+import orjson
+
+from device_adapters.tcp.framing import encode_frame
+
+_ACCEPTED = b'{"CmdName":"ACCEPTED"'
+_DELIVERY = b'{"CmdName":"RESP_MESSAGE_P2P"'
+_LOGIN_OK = b'{"CmdName":"LOGIN_OK"'
+_ERROR = b'{"CmdName":"ERROR"'
+
+
+def _split(buf: bytearray) -> list[bytes]:
+    """Every complete frame body in ``buf`` (consumed)."""
+    out = []
+    pos = 0
+    n = len(buf)
+    while n - pos >= 4:
+        size = int.from_bytes(buf[pos : pos + 4], "big")
+        end = pos + 4 + size
+        if end > n:
+            break
+        out.append(bytes(buf[pos + 4 : end]))
+        pos = end
+    if pos:
+        del buf[:pos]
+    return out
+
+
+class _Client(asyncio.Protocol):
+    def __init__(self, device_id: str, token: str) -> None:
+        self.device_id = device_id
+        self.token = token
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.logged_in: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(encode_frame("SEND_CLIENT_ID", [self.device_id, self.token]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.logged_in.done():
+            self.logged_in.set_exception(ConnectionError(f"{self.device_id}: closed in login"))
+        self.on_lost()
+
+    def on_lost(self) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        frames = _split(self.buf)
+        if not self.logged_in.done() and frames:
+            first = frames.pop(0)
+            if first.startswith(_LOGIN_OK):
+                self.logged_in.set_result(None)
+            else:
+                self.logged_in.set_exception(ConnectionError(f"{self.device_id}: {first[:200]!r}"))
+                return
+        if frames:
+            self.on_frames(frames)
+
+    def on_frames(self, frames: list[bytes]) -> None:
+        pass
+
+
+class _Sender(_Client):
+    def __init__(self, run: _Run, device_id: str, token: str, to: str, n: int) -> None:
+        super().__init__(device_id, token)
+        self.run = run
+        body = "x" * run.payload
+        self.batches: list[bytes] = []
+        frames = [encode_frame("SEND_MESSAGE_P2P", [to, body, device_id, str(i)]) for i in range(n)]
+        self.frames = frames if run.rate else []
+        for i in range(0, n, run.batch):
+            self.batches.append(b"".join(frames[i : i + run.batch]))
+        self.n = n
+        self.sent = 0
+        self.next_batch = 0
+        self.receipts = 0
+        self.errors = 0
+        self.sent_at = array("d", bytes(8 * n))
+
+    def pump(self) -> None:
+        t = self.transport
+        run = self.run
+        if t is None or self.lost:
+            return
+        while self.next_batch < len(self.batches) and self.sent - self.receipts < run.window:
+            now = time.perf_counter()
+            b = self.next_batch
+            start = b * run.batch
+            end = min(self.n, start + run.batch)
+            sent_at = self.sent_at
+            for i in range(start, end):
+                sent_at[i] = now
+            t.write(self.batches[b])
+            self.sent = end
+            self.next_batch += 1
+
+    def send_some(self, k: int) -> None:
+        """Paced mode: the next ``k`` messages in one write."""
+        t = self.transport
+        if t is None or self.lost or self.sent >= self.n:
+            return
+        i = self.sent
+        j = min(self.n, i + k)
+        now = time.perf_counter()
+        for x in range(i, j):
+            self.sent_at[x] = now
+        t.write(b"".join(self.frames[i:j]))
+        self.sent = j
+
+    def on_frames(self, frames: list[bytes]) -> None:
+        for f in frames:
+            if f.startswith(_ACCEPTED):
+                self.receipts += 1
+            elif f.startswith(_ERROR):
+                self.errors += 1
+                self.receipts += 1
+        if not self.run.rate:
+            self.pump()
+        self.run.check()
+
+
+class _Receiver(_Client):
+    def __init__(self, run: _Run, device_id: str, token: str, n: int) -> None:
+        super().__init__(device_id, token)
+        self.run = run
+        self.seen = bytearray(n)
+        self.delivered = 0
+        self.duplicates = 0
+        self.sender: _Sender | None = None
+
+    def on_frames(self, frames: list[bytes]) -> None:
+        now = time.perf_counter()
+        ids = []
+        sender = self.sender
+        assert sender is not None
+        lat = self.run.latencies
+        seen = self.seen
+        for f in frames:
+            if not f.startswith(_DELIVERY):
+                continue
+            msg_id = orjson.loads(f)["Args"][2]
+            ids.append(msg_id)
+            i = int(msg_id)
+            if seen[i]:
+                self.duplicates += 1
+                continue
+            seen[i] = 1
+            self.delivered += 1
+            lat.append(now - sender.sent_at[i])
+        if ids and self.transport is not None:
+            me = self.device_id
+            out = bytearray()
+            for k in range(0, len(ids), 1000):
+                out += encode_frame("P2P_ACK", [me, *ids[k : k + 1000]])
+            self.transport.write(bytes(out))
+        self.run.check()
+
+
+class _Run:
+    def __init__(
+        self, count: int, pairs: int, payload: int, batch: int, window: int, rate: float
+    ) -> None:
+        self.rate = rate
+        self.count = count
+        self.pairs = pairs
+        self.payload = payload
+        self.batch = batch
+        self.window = window
+        self.latencies: array[float] = array("d")
+        self.senders: list[_Sender] = []
+        self.receivers: list[_Receiver] = []
+        self.done = asyncio.Event()
+
+    def check(self) -> None:
+        if all(r.delivered == r.seen.__len__() for r in self.receivers) and all(
+            s.receipts == s.n for s in self.senders
+        ):
+            self.done.set()
+
+
+def pair_ids(pairs: int) -> list[str]:
+    return [f"bench-{k}-{i}" for i in range(pairs) for k in ("tx", "rx")]
+
+
+async def connect(addr: str, factory: Any, limit: int = 200, within: float = 60.0) -> list[_Client]:
+    """Connect and log in every client ``factory()`` makes (a list of callables)."""
+    host, _, port = addr.rpartition(":")
+    loop = asyncio.get_running_loop()
+    sem = asyncio.Semaphore(limit)
+
+    async def one(make: Any) -> _Client:
+        async with sem:
+            _, proto = await loop.create_connection(make, host, int(port))
+            await proto.logged_in
+            return proto
+
+    async with asyncio.timeout(within):
+        return await asyncio.gather(*(one(m) for m in factory))
+
+
+async def p2p(
+    msg_server: str,
+    token: str,
+    count: int,
+    pairs: int = 20,
+    payload: int = 64,
+    batch: int = 100,
+    window: int = 1000,
+    within: float = 120.0,
+    on_start: Any = None,
+    rate: float = 0.0,
+) -> dict[str, Any]:
+    """As fast as it goes (``rate`` 0: batches, windowed), or paced: ``rate`` messages a
+    second in all (see ``_pace``)."""
+    run = _Run(count, pairs, payload, batch, window, rate)
+    share = [count // pairs + (1 if i < count % pairs else 0) for i in range(pairs)]
+    makers: list[Any] = []
+    for i in range(pairs):
+        if not share[i]:
+            continue
+        tx, rx = f"bench-tx-{i}", f"bench-rx-{i}"
+        s = _Sender(run, tx, token, rx, share[i])
+        r = _Receiver(run, rx, token, share[i])
+        r.sender = s
+        run.senders.append(s)
+        run.receivers.append(r)
+        makers += [lambda s=s: s, lambda r=r: r]
+    clients = await connect(msg_server, makers)
+    pacer: asyncio.Task[None] | None = None
+    try:
+        if on_start is not None:
+            on_start()
+        t0 = time.perf_counter()
+        if rate:
+            pacer = asyncio.create_task(_pace(run, rate, count))
+        else:
+            for s in run.senders:
+                s.pump()
+        deadline = time.perf_counter() + within
+        last, moved = -1, time.perf_counter()
+        while not run.done.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await run.done.wait()
+            now = time.perf_counter()
+            progress = sum(r.delivered for r in run.receivers) + sum(
+                s.receipts for s in run.senders
+            )
+            if progress != last:
+                last, moved = progress, now
+            if now > deadline or now - moved > 5.0:  # stalled: the rest is lost
+                break
+        elapsed = time.perf_counter() - t0
+    finally:
+        if pacer is not None:
+            pacer.cancel()
+        for c in clients:
+            if c.transport is not None:
+                c.transport.close()
+    delivered = sum(r.delivered for r in run.receivers)
+    return {
+        "delivered": delivered,
+        "receipts": sum(s.receipts for s in run.senders),
+        "refused": sum(s.errors for s in run.senders),
+        "duplicates": sum(r.duplicates for r in run.receivers),
+        "seconds": elapsed,
+        "latencies": run.latencies,
+    }
+
+
+async def _pace(run: _Run, rate: float, count: int) -> None:
+    """Every 0.5 ms, what is due: each sender's share in one write (a device that has
+    several messages ready sends them together)."""
+    senders = run.senders
+    t0 = time.perf_counter()
+    issued = 0
+    while issued < count:
+        due = min(count, int((time.perf_counter() - t0) * rate) + 1)
+        if due > issued:
+            per: dict[int, int] = {}
+            for i in range(issued, due):
+                k = i % len(senders)
+                per[k] = per.get(k, 0) + 1
+            for k, n in per.items():
+                senders[k].send_some(n)
+            issued = due
+        await asyncio.sleep(0.0005)
+
+
+async def idle(msg_server: str, ids: list[str], token: str) -> list[_Client]:
+    """Log in ``ids`` and leave them connected (the caller closes them)."""
+    return await connect(msg_server, [lambda i=i: _Client(i, token) for i in ids], limit=500)
