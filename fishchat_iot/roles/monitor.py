@@ -1,0 +1,807 @@
+"""The monitor role: a dashboard page, a JSON API, Prometheus ``/metrics`` and health
+endpoints over HTTP (docs/monitor.md), on the roles of an ``EmbeddedApp``.
+
+Access: operator tokens (``fishchat-iot operator add NAME``) kept as SHA-256 hashes in
+``{data_dir}/operators.json`` (mode 0600), sent as ``Authorization: Bearer`` or, after
+the login form, as a session cookie. No token exists by default: without an operator
+nobody can log in. Wrong tokens lock the client address out for a growing time.
+``fishchat-iot status`` on the same host reads ``{data_dir}/monitor.token`` (0600,
+rewritten at every start) to ask the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fishchat_iot import __version__, errors
+from fishchat_iot.roles.manager import now_ms
+from fishchat_iot.roles.monitor_http import (
+    HttpServer,
+    Request,
+    Response,
+    error_response,
+    json_response,
+)
+from fishchat_iot.roles.monitor_metrics import Exposition, Ring, Series, process_stats
+from fishchat_iot.stores.base import NotFound, StoreUnavailable
+
+if TYPE_CHECKING:
+    from fishchat_iot.app import EmbeddedApp
+    from fishchat_iot.core.session import Session
+
+log = logging.getLogger("fishchat.monitor")
+
+OPERATORS_FILE = "operators.json"
+LOCAL_TOKEN_FILE = "monitor.token"
+LOCAL_OPERATOR = "local-cli"
+COOKIE = "fc_session"
+SAMPLE_PERIOD = 1.0  # seconds between samples (charts, SSE updates)
+QUEUE_PERIOD = 5.0  # seconds between reads of the offline queue depths (a store query)
+NODE_STALE_MS = 10_000  # a node whose heartbeat is older than this is "stale"
+# Wrong tokens: this many per client address are free, then a lock-out that doubles.
+FREE_FAILURES = 5
+LOCK_MAX = 300.0
+MAX_PER_PAGE = 200
+STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+
+
+# -- operators file (shared with `fishchat-iot operator`) -------------------------------
+def hash_operator_token(token: str) -> str:
+    # Tokens are 256 random bits: a fast hash is enough, nothing to brute-force.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def operators_path(data_dir: Path) -> Path:
+    return data_dir / OPERATORS_FILE
+
+
+def read_operators(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise OSError(f"cannot read {path}: {exc}") from None
+    ops = doc.get("operators") if isinstance(doc, dict) else None
+    return {str(k): v for k, v in ops.items() if isinstance(v, dict)} if ops else {}
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by the owner only (0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_operators(path: Path, ops: dict[str, dict[str, Any]]) -> None:
+    write_private(path, json.dumps({"operators": ops}, indent=1, sort_keys=True) + "\n")
+
+
+class _Operators:
+    """The operators file, re-read when it changes (``operator add`` while running)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._by_hash: dict[str, str] = {}
+
+    def _refresh(self) -> None:
+        try:
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = (0, 0)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            ops = read_operators(self.path)
+        except OSError as exc:
+            log.warning("%s", exc)
+            ops = {}
+        self._by_hash = {
+            str(v.get("token_sha256", "")): name for name, v in ops.items() if v.get("token_sha256")
+        }
+
+    def check(self, token: str) -> str | None:
+        self._refresh()
+        digest = hash_operator_token(token)
+        found = None
+        for h, name in self._by_hash.items():
+            if hmac.compare_digest(h, digest):
+                found = name
+        return found
+
+    def exists(self, name: str) -> bool:
+        self._refresh()
+        return name in self._by_hash.values()
+
+    def count(self) -> int:
+        self._refresh()
+        return len(self._by_hash)
+
+
+class Monitor:
+    def __init__(self, app: EmbeddedApp) -> None:
+        self.app = app
+        self.settings = app.settings.monitor
+        self.data_dir = app.settings.data_dir
+        self.operators = _Operators(operators_path(self.data_dir))
+        self.local_token = secrets.token_urlsafe(32)
+        self.http = HttpServer(self.handle, self.settings.host, self.settings.port)
+        self.metrics_http: HttpServer | None = None
+        if self.settings.metrics_port >= 0:
+            host = self.settings.metrics_host or self.settings.host
+            self.metrics_http = HttpServer(
+                self.handle_open, host, self.settings.metrics_port, "metrics"
+            )
+        self.series = Series(SAMPLE_PERIOD)
+        self.errors = Ring(200)  # warnings and errors from the log
+        self.refused = Ring(200)  # refused device logins
+        self.actions = Ring(100)  # operator actions
+        self.operator_failures = 0
+        self._sessions: dict[str, tuple[str, float]] = {}  # cookie -> (operator, expires)
+        self._failures: dict[str, tuple[int, float]] = {}  # peer -> (count, locked until)
+        self._last_seen: dict[str, int] = {}
+        self._queue_depths: dict[str, int] = {}
+        self._queues_read = -QUEUE_PERIOD
+        self._devices_cache: tuple[float, list[Any]] = (0.0, [])
+        self._tick: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._log_handler = _RingHandler(self.errors)
+        self.started_ms = now_ms()
+
+    # -- lifecycle -----------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return self.http.address
+
+    @property
+    def metrics_address(self) -> str:
+        return self.metrics_http.address if self.metrics_http is not None else ""
+
+    async def start(self) -> None:
+        await self.http.start()
+        try:
+            if self.metrics_http is not None:
+                await self.metrics_http.start()
+        except BaseException:
+            await self.http.stop()
+            raise
+        write_private(self.data_dir / LOCAL_TOKEN_FILE, self.local_token + "\n")
+        logging.getLogger().addHandler(self._log_handler)
+        if self.app.msg_server is not None:
+            self.app.msg_server.on_login_refused.append(self._login_refused)
+        self._tick = asyncio.get_running_loop().create_future()
+        self._task = asyncio.get_running_loop().create_task(self._sampler(), name="monitor")
+
+    async def stop(self) -> None:
+        logging.getLogger().removeHandler(self._log_handler)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.http.stop()
+        if self.metrics_http is not None:
+            await self.metrics_http.stop()
+        with contextlib.suppress(OSError):
+            (self.data_dir / LOCAL_TOKEN_FILE).unlink()
+
+    def _login_refused(self, s: Session, device_id: str, code: str, text: str) -> None:
+        self.refused.add(device_id=device_id[:64], code=code, text=text, transport=s.transport_name)
+
+    async def _sampler(self) -> None:
+        while True:
+            try:
+                await self._sample()
+            except Exception as exc:  # keep sampling; the page shows stale data meanwhile
+                log.warning("monitor sample failed: %s", exc)
+            tick, self._tick = self._tick, asyncio.get_running_loop().create_future()
+            if tick is not None and not tick.done():
+                tick.set_result(None)
+            await asyncio.sleep(SAMPLE_PERIOD)
+
+    async def _sample(self) -> None:
+        ms = self.app.msg_server
+        if ms is None:
+            return
+        self.series.sample(ms.msgs_in, ms.msgs_out, len(ms.sessions))
+        now_mono, now = time.monotonic(), now_ms()
+        for device_id, s in ms.sessions.items():
+            self._last_seen[device_id] = now - int((now_mono - s.last_seen) * 1000)
+        if now_mono - self._queues_read >= QUEUE_PERIOD:
+            self._queues_read = now_mono
+            with contextlib.suppress(StoreUnavailable):
+                self._queue_depths = await self.app.store.queue_depths()
+
+    # -- auth ----------------------------------------------------------------------
+    def _locked(self, peer: str) -> float:
+        _, until = self._failures.get(peer, (0, 0.0))
+        return max(0.0, until - time.monotonic())
+
+    def _failed(self, peer: str) -> None:
+        self.operator_failures += 1
+        count, _ = self._failures.get(peer, (0, 0.0))
+        count += 1
+        until = 0.0
+        if count >= FREE_FAILURES:
+            until = time.monotonic() + min(LOCK_MAX, 2.0 ** (count - FREE_FAILURES + 1))
+        self._failures[peer] = (count, until)
+        if len(self._failures) > 10000:  # bounded: forget the oldest entries
+            for key in list(self._failures)[:5000]:
+                del self._failures[key]
+        log.warning("monitor: wrong operator token from %s (%d in a row)", peer, count)
+
+    def _check_token(self, token: str) -> str | None:
+        if hmac.compare_digest(token, self.local_token):
+            return LOCAL_OPERATOR
+        return self.operators.check(token)
+
+    def _operator(self, req: Request) -> tuple[str | None, Response | None]:
+        """(operator name, None) or (None, the response to send instead)."""
+        auth = req.headers.get("authorization", "")
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if token:
+            wait = self._locked(req.peer)
+            if wait:
+                return None, _throttled(wait)
+            name = self._check_token(token)
+            if name is None:
+                self._failed(req.peer)
+                return None, error_response(
+                    401,
+                    "wrong operator token",
+                    {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+                )
+            self._failures.pop(req.peer, None)
+            return name, None
+        sid = req.cookie(COOKIE)
+        entry = self._sessions.get(sid) if sid else None
+        if entry is not None:
+            name, expires = entry
+            if time.time() < expires and (name == LOCAL_OPERATOR or self.operators.exists(name)):
+                return name, None
+            self._sessions.pop(sid, None)
+        return None, error_response(
+            401,
+            "an operator token is needed: Authorization: Bearer TOKEN "
+            "(fishchat-iot operator add NAME), or log in at /login",
+            {"WWW-Authenticate": 'Bearer realm="fishchat-monitor"'},
+        )
+
+    async def _login(self, req: Request) -> Response:
+        wait = self._locked(req.peer)
+        if wait:
+            return _page_response(_login_page("Too many wrong tokens: wait and retry."), 429)
+        token = req.form().get("token", "").strip()
+        name = self._check_token(token) if token else None
+        if name is None:
+            if token:
+                self._failed(req.peer)
+            return _page_response(_login_page("Wrong token."), 401)
+        self._failures.pop(req.peer, None)
+        sid = secrets.token_urlsafe(32)
+        self._sessions[sid] = (name, time.time() + self.settings.session_hours * 3600)
+        if len(self._sessions) > 1000:
+            now = time.time()
+            self._sessions = {k: v for k, v in self._sessions.items() if v[1] > now}
+        cookie = f"{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Strict"
+        return Response(303, b"", headers={"Location": "/", "Set-Cookie": cookie})
+
+    # -- routing -------------------------------------------------------------------
+    async def handle_open(self, req: Request) -> Response:
+        """The separate metrics bind: /metrics and health, no token."""
+        if req.path == "/metrics":
+            return Response(200, self.metrics_text().encode(), PROM_TYPE)
+        if req.path in ("/healthz", "/readyz"):
+            return self._health(req.path)
+        return error_response(404, "only /metrics, /healthz and /readyz are served here")
+
+    async def handle(self, req: Request) -> Response:
+        path, method = req.path, req.method
+        if path in ("/healthz", "/readyz"):
+            return self._health(path)
+        if path.startswith("/static/"):
+            return _static(path[len("/static/") :])
+        if path == "/login":
+            if method == "POST":
+                return await self._login(req)
+            return _page_response(_login_page(""), 200)
+        if path == "/logout" and method == "POST":
+            self._sessions.pop(req.cookie(COOKIE), None)
+            expired = f"{COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
+            return Response(303, b"", headers={"Location": "/login", "Set-Cookie": expired})
+        operator, refusal = self._operator(req)
+        if operator is None:
+            assert refusal is not None
+            if path in ("/", "/index.html") and refusal.status == 401:
+                return Response(303, b"", headers={"Location": "/login"})
+            return refusal
+        if path in ("/", "/index.html"):
+            return _static("index.html")
+        if path == "/metrics":
+            return Response(200, self.metrics_text().encode(), PROM_TYPE)
+        if method == "POST":
+            # Cookie sessions: a cross-site form cannot send JSON without a CORS preflight.
+            if not req.headers.get("content-type", "").startswith("application/json"):
+                return error_response(415, "POST with Content-Type: application/json")
+            return await self._action(req, operator)
+        if method not in ("GET", "HEAD"):
+            return error_response(405, "method not allowed")
+        return await self._api_get(req, operator)
+
+    def _health(self, path: str) -> Response:
+        if path == "/healthz":
+            return json_response({"status": "ok"})
+        ms = self.app.msg_server
+        ready = ms is not None and self.app.msg_listener.port > 0
+        doc = {"status": "ready" if ready else "starting", "msg_server": ready}
+        return json_response(doc, 200 if ready else 503)
+
+    async def _api_get(self, req: Request, operator: str) -> Response:
+        path = req.path.rstrip("/")
+        if path == "/api/status":
+            return json_response(self.status_doc())
+        if path == "/api/whoami":
+            return json_response({"operator": operator})
+        if path == "/api/nodes":
+            return json_response({"nodes": await self.nodes()})
+        if path == "/api/devices":
+            return json_response(await self.devices(req.query))
+        if path == "/api/topics":
+            return json_response(await self.topics(req.query))
+        if path == "/api/events":
+            limit = _int_arg(req.query, "limit", 50, 1, 200)
+            return json_response(
+                {
+                    "errors": self.errors.recent(limit),
+                    "refused_logins": self.refused.recent(limit),
+                    "actions": self.actions.recent(limit),
+                }
+            )
+        if path == "/api/series":
+            since = _int_arg(req.query, "since", 0, 0, 2**62)
+            return json_response(
+                {
+                    "period_s": SAMPLE_PERIOD,
+                    "columns": ["at_ms", "msgs_in_per_s", "msgs_out_per_s", "sessions"],
+                    "points": self.series.since(since),
+                }
+            )
+        if path == "/api/stream":
+            return Response(
+                200,
+                content_type="text/event-stream",
+                headers={"X-Accel-Buffering": "no"},
+                stream=self._stream(),
+            )
+        return error_response(404, f"no such endpoint {req.path}")
+
+    async def _action(self, req: Request, operator: str) -> Response:
+        parts = req.path.strip("/").split("/")
+        if len(parts) == 4 and parts[:2] == ["api", "devices"] and parts[3] == "revoke":
+            device_id = parts[2]
+            try:
+                await self.app.store.revoke_device(device_id, now_ms())
+            except NotFound:
+                return error_response(404, f"no device {device_id!r}")
+            except StoreUnavailable as exc:
+                return error_response(503, f"store unavailable: {exc}")
+            self._devices_cache = (0.0, [])
+            self.app.manager.invalidate()
+            if self.app.msg_server is not None:
+                self.app.msg_server.revoked(device_id)
+            self.actions.add(operator=operator, action="revoke", device_id=device_id)
+            log.warning("operator %s revoked device %s", operator, device_id)
+            return json_response({"revoked": device_id})
+        if len(parts) == 4 and parts[:2] == ["api", "sessions"] and parts[3] == "kick":
+            device_id = parts[2]
+            ms = self.app.msg_server
+            s = ms.sessions.get(device_id) if ms is not None else None
+            if ms is None or s is None:
+                return error_response(404, f"device {device_id!r} has no session here")
+            s.drop(errors.UNAVAILABLE, "session closed by an operator")
+            ms.session_closed(s)
+            self.actions.add(operator=operator, action="kick", device_id=device_id)
+            log.info("operator %s closed the session of %s", operator, device_id)
+            return json_response({"kicked": device_id})
+        return error_response(404, f"no such action {req.path}")
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        yield b"retry: 2000\n\n"
+        yield _sse("status", self.status_doc())
+        while True:
+            tick = self._tick
+            if tick is None:
+                return
+            try:
+                await asyncio.wait_for(asyncio.shield(tick), 15)
+            except TimeoutError:
+                yield b": keep-alive\n\n"
+                continue
+            yield _sse("status", self.status_doc())
+
+    # -- the data --------------------------------------------------------------------
+    def totals(self) -> dict[str, Any]:
+        ms = self.app.msg_server
+        if ms is None:
+            return {}
+        by_transport: dict[str, int] = {}
+        for s in ms.sessions.values():
+            by_transport[s.transport_name] = by_transport.get(s.transport_name, 0) + 1
+        rate_in, rate_out = self.series.last()
+        return {
+            "sessions": len(ms.sessions),
+            "sessions_by_transport": by_transport,
+            "msgs_in": ms.msgs_in,
+            "msgs_out": ms.msgs_out,
+            "msgs_queued": ms.msgs_queued,
+            "dropped": dict(ms.dropped),
+            "auth_failures": ms.auth_failures,
+            "operator_auth_failures": self.operator_failures,
+            "msgs_in_per_s": round(rate_in, 2),
+            "msgs_out_per_s": round(rate_out, 2),
+            "queued_now": sum(self._queue_depths.values()),
+            "refused_logins": self.refused.total,
+            "errors": self.errors.total,
+        }
+
+    def local_node(self) -> dict[str, Any] | None:
+        ms = self.app.msg_server
+        if ms is None:
+            return None
+        rate_in, rate_out = self.series.last()
+        return {
+            "node_id": ms.node_id,
+            "role": "msg_server",
+            "address": ms.address,
+            "started_ms": ms.started_ms,
+            "updated_ms": now_ms(),
+            "sessions": len(ms.sessions),
+            "msgs_in": ms.msgs_in,
+            "msgs_out": ms.msgs_out,
+            "msgs_in_per_s": round(rate_in, 2),
+            "msgs_out_per_s": round(rate_out, 2),
+            "queued": sum(self._queue_depths.values()),
+            "health": "ok",
+            "local": True,
+        }
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """This process's node, then every other live node in the node registry."""
+        out = []
+        local = self.local_node()
+        if local is not None:
+            out.append(local)
+        try:
+            others = await self.app.bus.live_nodes("msg_server")
+        except Exception as exc:
+            log.warning("monitor: cannot read the node registry: %s", exc)
+            others = []
+        now = now_ms()
+        for n in others:
+            if local is not None and n.node_id == local["node_id"]:
+                continue
+            age = now - n.updated_ms if n.updated_ms else 0
+            out.append(
+                {
+                    "node_id": n.node_id,
+                    "role": n.role,
+                    "address": n.address,
+                    "started_ms": n.started_ms,
+                    "updated_ms": n.updated_ms,
+                    "sessions": n.sessions,
+                    "msgs_in": n.msgs_in,
+                    "msgs_out": n.msgs_out,
+                    "msgs_in_per_s": None,
+                    "msgs_out_per_s": None,
+                    "queued": None,
+                    "health": "stale" if age > NODE_STALE_MS else "ok",
+                    "local": False,
+                }
+            )
+        return out
+
+    def status_doc(self) -> dict[str, Any]:
+        doc = self.app.status()
+        doc["nodes"] = [n for n in [self.local_node()] if n is not None]
+        doc["totals"] = self.totals()
+        doc["monitor"] = self.address
+        doc["source"] = "monitor"
+        doc["operators"] = self.operators.count()
+        doc["process"] = process_stats()
+        return doc
+
+    async def _device_records(self) -> list[Any]:
+        at, cached = self._devices_cache
+        if time.monotonic() - at < 1.0 and cached:
+            return cached
+        records = await self.app.store.list_devices()
+        self._devices_cache = (time.monotonic(), records)
+        return records
+
+    async def devices(self, query: dict[str, str]) -> dict[str, Any]:
+        ms = self.app.msg_server
+        sessions = ms.sessions if ms is not None else {}
+        q = query.get("q", "").strip().lower()
+        only = query.get("state", "")  # "", "online", "offline", "revoked"
+        page = _int_arg(query, "page", 1, 1, 10**9)
+        per_page = _int_arg(query, "per_page", 50, 1, MAX_PER_PAGE)
+        try:
+            records = await self._device_records()
+        except StoreUnavailable as exc:
+            return {"error": f"store unavailable: {exc}", "devices": [], "total": 0}
+        rows = []
+        for rec in records:
+            if q and q not in rec.id.lower():
+                continue
+            s = sessions.get(rec.id)
+            state = "revoked" if rec.revoked else ("online" if s is not None else "offline")
+            if only and state != only:
+                continue
+            rows.append((rec, s, state))
+        total = len(rows)
+        start = (page - 1) * per_page
+        now_mono, now = time.monotonic(), now_ms()
+        out = []
+        for rec, s, state in rows[start : start + per_page]:
+            last_seen = self._last_seen.get(rec.id)
+            if s is not None:
+                last_seen = now - int((now_mono - s.last_seen) * 1000)
+            out.append(
+                {
+                    "id": rec.id,
+                    "state": state,
+                    "online": s is not None,
+                    "node": ms.node_id if s is not None and ms is not None else None,
+                    "address": ms.address if s is not None and ms is not None else None,
+                    "since_ms": s.logged_in_ms if s is not None else None,
+                    "transport": s.transport_name if s is not None else None,
+                    "v1": rec.v1,
+                    "last_seen_ms": last_seen,
+                    "queued": self._queue_depths.get(rec.id, 0),
+                    "inflight": len(s.inflight) if s is not None else 0,
+                    "revoked": rec.revoked,
+                    "revoked_ms": rec.revoked_ms or None,
+                    "created_ms": rec.created_ms,
+                }
+            )
+        return {
+            "total": total,
+            "registered": len(records),
+            "online": len(sessions),
+            "page": page,
+            "per_page": per_page,
+            "pages": max(1, -(-total // per_page)),
+            "devices": out,
+        }
+
+    async def topics(self, query: dict[str, str]) -> dict[str, Any]:
+        ms = self.app.msg_server
+        traffic = ms.topic_msgs if ms is not None else {}
+        sessions = ms.sessions if ms is not None else {}
+        q = query.get("q", "").strip().lower()
+        page = _int_arg(query, "page", 1, 1, 10**9)
+        per_page = _int_arg(query, "per_page", 50, 1, MAX_PER_PAGE)
+        try:
+            topics = await self.app.store.list_topics()
+        except StoreUnavailable as exc:
+            return {"error": f"store unavailable: {exc}", "topics": [], "total": 0}
+        rows = [t for t in topics if not q or q in t.name.lower()]
+        start = (page - 1) * per_page
+        return {
+            "total": len(rows),
+            "page": page,
+            "per_page": per_page,
+            "pages": max(1, -(-len(rows) // per_page)),
+            "topics": [
+                {
+                    "name": t.name,
+                    "owner": t.owner,
+                    "open": t.open,
+                    "members": len(t.members),
+                    "members_online": sum(1 for m in t.members if m in sessions),
+                    "messages": traffic.get(t.name, 0),
+                    "created_ms": t.created_ms,
+                }
+                for t in rows[start : start + per_page]
+            ],
+        }
+
+    def metrics_text(self) -> str:
+        ex = Exposition()
+        ms = self.app.msg_server
+        totals = self.totals()
+        ex.family("fishchat_up", "gauge", "1 while the server runs.", [({}, 1)])
+        ex.family(
+            "fishchat_build_info",
+            "gauge",
+            "Version of this server.",
+            [({"version": __version__}, 1)],
+        )
+        by_transport = totals.get("sessions_by_transport", {})
+        ex.family(
+            "fishchat_sessions",
+            "gauge",
+            "Logged-in device sessions, by transport.",
+            [({"transport": t}, n) for t, n in sorted(by_transport.items())] or [({}, 0)],
+        )
+        ex.family(
+            "fishchat_messages_accepted_total",
+            "counter",
+            "Messages accepted from devices (ACCEPTED sent).",
+            [({}, totals.get("msgs_in", 0))],
+        )
+        ex.family(
+            "fishchat_messages_delivered_total",
+            "counter",
+            "Deliveries written to device sessions (live or from the offline queue).",
+            [({}, totals.get("msgs_out", 0))],
+        )
+        ex.family(
+            "fishchat_messages_queued_total",
+            "counter",
+            "Messages stored in offline queues (including unacked ones put back).",
+            [({}, totals.get("msgs_queued", 0))],
+        )
+        dropped = totals.get("dropped", {})
+        ex.family(
+            "fishchat_messages_dropped_total",
+            "counter",
+            "Sends refused, by reason (the error code the sender got).",
+            [({"reason": r}, n) for r, n in sorted(dropped.items())]
+            or [({"reason": errors.QUEUE_FULL}, 0)],
+        )
+        ex.family(
+            "fishchat_offline_queue_messages",
+            "gauge",
+            "Messages waiting in offline queues now.",
+            [({}, totals.get("queued_now", 0))],
+        )
+        ex.family(
+            "fishchat_auth_failures_total",
+            "counter",
+            "Refused logins, by who tried: devices or monitor operators.",
+            [
+                ({"kind": "device"}, totals.get("auth_failures", 0)),
+                ({"kind": "operator"}, self.operator_failures),
+            ],
+        )
+        if ms is not None:
+            ex.histogram(
+                "fishchat_delivery_latency_seconds",
+                "From accepted to written to the recipient (queued time included).",
+                ms.latency,
+                scale=0.001,
+            )
+        proc = process_stats()
+        start_s = self.app.started_ms / 1000.0
+        ex.family(
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time.",
+            [({}, proc["cpu_seconds"])],
+        )
+        ex.family(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory.",
+            [({}, proc["resident_memory_bytes"])],
+        )
+        if "open_fds" in proc:
+            ex.family(
+                "process_open_fds", "gauge", "Open file descriptors.", [({}, proc["open_fds"])]
+            )
+        if "max_fds" in proc:
+            ex.family(
+                "process_max_fds",
+                "gauge",
+                "Limit of open file descriptors.",
+                [({}, proc["max_fds"])],
+            )
+        ex.family(
+            "process_start_time_seconds", "gauge", "Start time, Unix seconds.", [({}, start_s)]
+        )
+        return ex.text()
+
+
+PROM_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _RingHandler(logging.Handler):
+    """Warnings and errors from the log, for "recent errors" on the page."""
+
+    def __init__(self, ring: Ring) -> None:
+        super().__init__(logging.WARNING)
+        self.ring = ring
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+        except Exception:
+            msg = str(record.msg)
+        self.ring.add(
+            at_ms=int(record.created * 1000),
+            level=record.levelname.lower(),
+            logger=record.name,
+            message=msg[:500],
+        )
+
+
+def _sse(event: str, doc: Any) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(doc, separators=(',', ':'))}\n\n".encode()
+
+
+def _throttled(wait: float) -> Response:
+    secs = max(1, int(wait + 0.999))
+    return error_response(
+        429, f"too many wrong tokens: retry in {secs} s", {"Retry-After": str(secs)}
+    )
+
+
+def _int_arg(query: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    try:
+        return min(hi, max(lo, int(query.get(name, default))))
+    except ValueError:
+        return default
+
+
+def _static(name: str) -> Response:
+    if "/" in name or name.startswith(".") or not name:
+        return error_response(404, "no such file")
+    ext = os.path.splitext(name)[1]
+    ctype = STATIC_TYPES.get(ext)
+    if ctype is None:
+        return error_response(404, "no such file")
+    try:
+        data = resources.files("fishchat_iot.roles").joinpath("monitor_static", name).read_bytes()
+    except (FileNotFoundError, OSError):
+        return error_response(404, "no such file")
+    return Response(200, data, ctype)
+
+
+def _page_response(html: str, status: int) -> Response:
+    return Response(status, html.encode(), "text/html; charset=utf-8")
+
+
+def _login_page(message: str) -> str:
+    import html
+
+    note = f'<p class="err" role="alert">{html.escape(message)}</p>' if message else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>FishChat IoT monitor: log in</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="stylesheet" href="/static/monitor.css"></head>
+<body class="login"><main class="card">
+<h1>FishChat IoT monitor</h1>{note}
+<form method="post" action="/login">
+<label for="token">Operator token</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+<button type="submit">Log in</button>
+</form>
+<p class="hint">No token yet? On the server: <code>fishchat-iot operator add NAME</code></p>
+</main></body></html>
+"""
