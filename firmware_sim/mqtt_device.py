@@ -50,10 +50,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from firmware_sim.bundle import Bundle, load_bundle, parse_bundle
 from firmware_sim.tcp_device import (
+    _E2E,
     CLOSED,
     CONNECT_FAILED,
     FATAL_CODES,
     MAX_ID_LEN,
+    NO_KEY,
     PROTOCOL,
     TIMEOUT,
     DeviceError,
@@ -63,6 +65,7 @@ from firmware_sim.tcp_device import (
     parse_address,
 )
 from fishchat_iot import errors
+from fishchat_iot.crypto.seal import CryptoError, b64d
 from fishchat_iot.ids import IdGenerator
 
 log = logging.getLogger("firmware_sim.mqtt")
@@ -193,7 +196,7 @@ class _Link:
                 sock.close()
 
 
-class MqttDevice:
+class MqttDevice(_E2E):
     """One simulated device over MQTT. See the module docstring. ``broker`` is one
     ``"host:port"`` or several, tried in turn. Not thread-safe: use it from one event
     loop."""
@@ -219,6 +222,8 @@ class MqttDevice:
         logout_timeout: float = 2.0,
         qos: int = 1,
         id_prefix: str | None = None,
+        private_key: str | bytes | None = None,
+        key_wait: float = 10.0,
     ) -> None:
         if not device_id:
             raise ValueError("device_id must not be empty")
@@ -275,6 +280,8 @@ class MqttDevice:
         self.reconnects = 0
         self.pubacked = 0  # PUBACKs from the broker for our messages (not receipts!)
         self.server_errors: collections.deque[tuple[str, str, str]] = collections.deque(maxlen=100)
+        # End-to-end encryption (docs/crypto.md): on when the device has its private key.
+        self._init_e2e(private_key, key_wait)
 
     @classmethod
     def from_bundle(
@@ -282,14 +289,20 @@ class MqttDevice:
         bundle: Bundle | Mapping[str, Any] | str | Path,
         *,
         broker: str | Sequence[str] | None = None,
+        e2e: bool = False,
         **kwargs: Any,
     ) -> MqttDevice:
         """A device from its provisioning bundle; ``broker`` overrides the bundle's
-        ``mqtt`` addresses."""
+        ``mqtt`` addresses. ``e2e=True`` seals and opens with the bundle's private key."""
         if isinstance(bundle, str | Path):
             bundle = load_bundle(bundle)
         elif not isinstance(bundle, Bundle):
             bundle = parse_bundle(bundle)
+        if e2e:
+            key = bundle.raw.get("private_key")
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"bundle of {bundle.id!r} has no private_key: register again")
+            kwargs["private_key"] = key
         if broker is None:
             raw = bundle.raw.get("mqtt")
             broker = [raw] if isinstance(raw, str) else list(raw or [])
@@ -411,15 +424,46 @@ class MqttDevice:
     async def send(self, to: str, text: str, *, id: str | None = None) -> str:
         """A p2p message; returns its id once the gateway accepted it."""
         msg_id = self._check_id(id)
-        payload = orjson.dumps({"id": msg_id, "body": text, "ts": _now_ms()})
+        if self.crypto is not None:
+            if to not in self.crypto.peers:
+                await self.public_key(to)
+            sealed, enc = self.crypto.seal_p2p(to, msg_id, text)
+            payload = orjson.dumps({"id": msg_id, "body": sealed, "enc": enc, "ts": _now_ms()})
+        else:
+            payload = orjson.dumps({"id": msg_id, "body": text, "ts": _now_ms()})
         return await self._submit(msg_id, f"{self.prefix}p2p/{to}", payload)
 
     async def publish(self, topic: str, text: str, *, id: str | None = None) -> str:
         """A message to a topic the device is a member of; returns its id once every
         other member's copy is accepted."""
         msg_id = self._check_id(id)
-        payload = orjson.dumps({"id": msg_id, "body": text, "ts": _now_ms()})
+        if self.crypto is not None:
+            try:
+                sealed, enc = self.crypto.seal_topic(topic, msg_id, text)
+            except CryptoError as exc:
+                raise DeviceError(NO_KEY, str(exc), msg_id) from None
+            payload = orjson.dumps({"id": msg_id, "body": sealed, "enc": enc, "ts": _now_ms()})
+        else:
+            payload = orjson.dumps({"id": msg_id, "body": text, "ts": _now_ms()})
         return await self._submit(msg_id, f"{self.prefix}topic/{topic}", payload)
+
+    async def public_key(self, device_id: str) -> bytes:
+        """The registered X25519 public key of a device (ctl ``public_key``), cached."""
+        if self.crypto is not None and device_id in self.crypto.peers:
+            return self.crypto.peers[device_id]
+        b64 = await self._request_reply("public_key", device_id)
+        if not b64:
+            raise DeviceError(NO_KEY, f"device {device_id!r} has no public key", device_id)
+        key = b64d(b64)
+        if self.crypto is not None:
+            self.crypto.add_peer(device_id, key)
+        return key
+
+    def _ask_public_key(self, device_id: str) -> None:
+        link = self._link
+        if link is not None:
+            payload = orjson.dumps({"op": "public_key", "device": device_id})
+            link.publish(f"{self.prefix}ctl", payload, self.qos)
 
     async def create_topic(self, name: str) -> None:
         await self._request_reply("create_topic", name)
@@ -531,6 +575,7 @@ class MqttDevice:
             self._request = prev
 
     def _install(self, link: _Link) -> None:
+        self._clear_held()  # held sealed deliveries were not acked: they come again
         self.address = link.address
         for out in self._outgoing.values():
             self._write(out, link)
@@ -632,7 +677,11 @@ class MqttDevice:
             except (KeyError, TypeError, ValueError):
                 log.warning("%s: malformed delivery %r", self.device_id, payload[:100])
                 return
-            await self._deliver(msg)
+            enc = doc.get("enc", "none")
+            if enc != "none" and isinstance(enc, str):
+                await self._deliver_sealed(msg, enc)
+            else:
+                await self._deliver(msg)
         elif kind == "accepted":
             out = self._outgoing.get(str(doc.get("id")))
             if out is not None:
@@ -652,6 +701,13 @@ class MqttDevice:
                     orjson.dumps({"op": "hello", "token": self.token, "session": link.session}),
                     self.qos,
                 )
+        elif kind == "ok" and doc.get("op") == "public_key":
+            device, key = str(doc.get("device", "")), str(doc.get("key", ""))
+            await self._got_public_key(device, key)
+            req = self._request
+            if req is not None and req.op == "public_key" and req.name == device:
+                if not req.future.done():
+                    req.future.set_result(key)
         elif kind == "ok":
             req = self._request
             op = str(doc.get("op", ""))
@@ -812,8 +868,9 @@ class MqttDevice:
             try:
                 link = self._link
                 if link is not None:
+                    what = "device" if op == "public_key" else "topic"
                     link.publish(
-                        f"{self.prefix}ctl", orjson.dumps({"op": op, "topic": name}), self.qos
+                        f"{self.prefix}ctl", orjson.dumps({"op": op, what: name}), self.qos
                     )
                 async with asyncio.timeout(self.request_timeout):
                     return await fut

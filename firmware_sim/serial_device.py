@@ -231,14 +231,22 @@ class SerialDevice(TcpDevice):
         bundle: Bundle | Mapping[str, Any] | str | Path,
         *,
         port: str = "",
+        e2e: bool = False,
         **kwargs: Any,
     ) -> SerialDevice:
         """A device from its provisioning bundle (a Bundle, its decoded JSON or its
-        path) on serial port ``port``; the bundle's addresses are not used."""
+        path) on serial port ``port``; the bundle's addresses are not used. ``e2e=True``
+        seals and opens with the bundle's private key (the adapter forwards frames as
+        they are, so end-to-end sealing works through it unchanged)."""
         if isinstance(bundle, str | Path):
             bundle = load_bundle(bundle)
         elif not isinstance(bundle, Bundle):
             bundle = parse_bundle(bundle)
+        if e2e:
+            key = bundle.raw.get("private_key")
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"bundle of {bundle.id!r} has no private_key: register again")
+            kwargs["private_key"] = key
         kwargs.pop("gateway", None)
         kwargs.pop("msg_server", None)
         return cls(bundle.id, bundle.token, port, **kwargs)

@@ -32,6 +32,13 @@ What it does for the application:
   ``AUTH_FAILED`` are final: the device stops and every waiter gets that error.
 * **Closing** sends ``LOGOUT`` (token sessions), waits briefly for the server to close,
   cancels every task the device owns and fails whatever still waits with ``CLOSED``.
+* **End-to-end encryption** (``docs/crypto.md``) when the device has its X25519 private
+  key (``private_key=``, or ``from_bundle(path, e2e=True)``): ``send`` / ``publish`` seal
+  (``SEND_MESSAGE_*_E2E``; peers' public keys come from ``GET_PUBLIC_KEY``, cached),
+  sealed deliveries are opened before they reach the inbox (``Message.enc`` says how
+  they came) and ones that do not open are acked, dropped and counted in
+  ``open_failed``. Topic owners hand out group keys with ``share_topic_key`` (at
+  creation and after a member leaves) and ``send_topic_key`` (a late joiner).
 
 :class:`V1Device` speaks exactly the FishChatServer v1 frames (no token, no receipts,
 ``PONG``-less keepalive) for compatibility tests: ``send`` returns ``""`` once the frame
@@ -52,7 +59,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -60,6 +67,8 @@ from typing import Any
 from device_adapters.tcp.framing import FrameDecoder, FrameError, encode_frame
 from firmware_sim.bundle import Bundle, load_bundle, parse_bundle
 from fishchat_iot import errors
+from fishchat_iot.crypto.device import DeviceCrypto
+from fishchat_iot.crypto.seal import CryptoError, b64d
 from fishchat_iot.ids import IdGenerator
 
 log = logging.getLogger("firmware_sim.tcp")
@@ -71,6 +80,7 @@ TIMEOUT = "TIMEOUT"  # no answer in time (connect_timeout, request_timeout)
 PROTOCOL = "PROTOCOL"  # the server sent something this SDK cannot make sense of
 NOT_SUPPORTED = "NOT_SUPPORTED"  # e.g. leave_topic in a v1 session
 LOGIN_REFUSED = "LOGIN_REFUSED"  # v1: the server closed the connection after SEND_CLIENT_ID
+NO_KEY = "NO_KEY"  # end-to-end: no key to seal with (peer without public key, topic key)
 
 # Errors after which reconnecting is pointless: the device stops.
 FATAL_CODES = frozenset(
@@ -115,6 +125,7 @@ class Message:
     text: str
     topic: str = ""
     ts: int = 0
+    enc: str = "none"  # how it was sealed on the wire; ``text`` is always the plaintext
 
 
 def parse_address(addr: str) -> tuple[str, int]:
@@ -258,7 +269,179 @@ async def _close_writer(writer: asyncio.StreamWriter, abort: bool = False) -> No
         await asyncio.wait_for(writer.wait_closed(), 1.0)
 
 
-class TcpDevice:
+class _E2E:
+    """End-to-end encryption for the device SDKs (``TcpDevice``, ``MqttDevice``): the
+    opening of sealed deliveries, the deliveries held while a key is fetched, the topic
+    keys an owner hands out. docs/crypto.md is the construction."""
+
+    device_id: str
+    crypto: DeviceCrypto | None
+    key_wait: float
+    opened: int
+    open_failed: int
+    topic_keys_received: int
+    _closing: bool
+    _seen: collections.OrderedDict[tuple[str, str], bool]
+    _acks: list[str]
+    _held: dict[tuple[str, str], list[tuple[Message, str]]]
+    _held_timers: dict[tuple[str, str], asyncio.TimerHandle]
+
+    def _init_e2e(self, private_key: str | bytes | None, key_wait: float) -> None:
+        self.crypto = None
+        if private_key:
+            raw = b64d(private_key) if isinstance(private_key, str) else private_key
+            self.crypto = DeviceCrypto(self.device_id, raw)
+        self.key_wait = key_wait
+        # Sealed deliveries waiting for a key (a peer's public key, a topic epoch key),
+        # unacked: ("peer", id) / ("topic", "name:epoch") -> [(message, enc)].
+        self._held = {}
+        self._held_timers = {}
+        self.opened = 0  # sealed messages opened
+        self.open_failed = 0  # sealed messages that did not open (tampered, no key): dropped
+        self.topic_keys_received = 0
+
+    def _clear_held(self) -> None:
+        """A new session: held deliveries were not acked, the server sends them again."""
+        for timer in self._held_timers.values():
+            timer.cancel()
+        self._held_timers.clear()
+        self._held.clear()
+
+    # -- what the SDK provides ---------------------------------------------------
+    async def send(self, to: str, text: str, *, id: str | None = None) -> str:
+        raise NotImplementedError
+
+    async def _deliver(self, msg: Message) -> None:
+        raise NotImplementedError
+
+    def _flush_acks(self) -> None:
+        raise NotImplementedError
+
+    def _ask_public_key(self, device_id: str) -> None:
+        """Ask the server for a public key without waiting (the answer comes in order
+        with the deliveries and ends in ``_got_public_key``)."""
+        raise NotImplementedError
+
+    # -- topic keys --------------------------------------------------------------
+    async def share_topic_key(self, topic: str, members: Sequence[str]) -> int:
+        """Topic owner: start a new key epoch for ``topic`` (a fresh random group key)
+        and hand it to every member, sealed under each pairwise key. Call it when the
+        topic is created and whenever a member leaves or is removed (with the members
+        that remain): the removed member cannot open anything sealed afterwards.
+        Returns the new epoch."""
+        if self.crypto is None:
+            raise DeviceError(NOT_SUPPORTED, "end-to-end encryption is off (no private key)")
+        epoch, _ = self.crypto.new_topic_epoch(topic)
+        for member in members:
+            if member != self.device_id:
+                await self.send_topic_key(topic, member)
+        return epoch
+
+    async def send_topic_key(self, topic: str, member: str) -> str:
+        """Hand the current key of ``topic`` to one member (a late joiner)."""
+        if self.crypto is None:
+            raise DeviceError(NOT_SUPPORTED, "end-to-end encryption is off (no private key)")
+        try:
+            control = self.crypto.topic_key_control(topic)
+        except CryptoError as exc:
+            raise DeviceError(NO_KEY, str(exc), topic) from None
+        return await self.send(member, control)
+
+    # -- internals: end-to-end -------------------------------------------------
+    async def _deliver_sealed(self, msg: Message, enc: str) -> None:
+        """Open a sealed delivery and hand its plaintext on. One that does not open
+        (flipped bit, moved to another recipient, wrong key) is acked and dropped,
+        counted in ``open_failed``; a replayed id is absorbed by the dedupe as always."""
+        if self._closing:
+            return
+        key = (msg.sender, msg.id)
+        crypto = self.crypto
+        if key in self._seen or crypto is None:
+            if crypto is None:
+                self._reject(msg, "end-to-end encryption is off (no private key)")
+            else:
+                await self._deliver(msg)  # a duplicate: acked again, not delivered
+            return
+        hold: tuple[str, str] | None = None
+        if msg.kind == "topic":
+            epoch = enc.rpartition(":")[2]
+            if (
+                epoch.isdigit()
+                and int(epoch) not in crypto.group_keys.get(msg.topic, {})
+                and int(epoch) > crypto.current_epoch.get(msg.topic, 0)
+            ):
+                hold = ("topic", f"{msg.topic}:{epoch}")  # its key may be on its way
+        elif msg.sender not in crypto.peers:
+            hold = ("peer", msg.sender)  # ask the server for the sender's public key
+        if hold is not None:
+            self._hold(hold, msg, enc)
+            return
+        try:
+            opened = crypto.open(
+                sender=msg.sender, msg_id=msg.id, body=msg.text, enc=enc, topic=msg.topic
+            )
+        except CryptoError as exc:
+            self._reject(msg, str(exc))
+            return
+        self.opened += 1
+        if opened.control is not None:
+            # A topic key: consumed by the SDK, never on the inbox.
+            self.topic_keys_received += 1
+            self._seen[key] = True
+            self._acks.append(msg.id)
+            ctl = opened.control
+            await self._release(("topic", f"{ctl['topic']}:{ctl['epoch']}"))
+            return
+        await self._deliver(replace(msg, text=opened.text, enc=enc))
+
+    def _reject(self, msg: Message, why: str) -> None:
+        self.open_failed += 1
+        log.warning(
+            "%s: dropped sealed message %r from %s: %s", self.device_id, msg.id, msg.sender, why
+        )
+        self._acks.append(msg.id)
+
+    def _hold(self, hkey: tuple[str, str], msg: Message, enc: str) -> None:
+        held = self._held.get(hkey)
+        if held is None:
+            held = self._held[hkey] = []
+            loop = asyncio.get_running_loop()
+            self._held_timers[hkey] = loop.call_later(
+                self.key_wait, self._drop_held, hkey, "no key in time"
+            )
+            if hkey[0] == "peer":
+                self._ask_public_key(hkey[1])
+        held.append((msg, enc))
+
+    def _drop_held(self, hkey: tuple[str, str], why: str) -> None:
+        timer = self._held_timers.pop(hkey, None)
+        if timer is not None:
+            timer.cancel()
+        for msg, _ in self._held.pop(hkey, []):
+            self._reject(msg, why)
+        self._flush_acks()
+
+    async def _release(self, hkey: tuple[str, str]) -> None:
+        timer = self._held_timers.pop(hkey, None)
+        if timer is not None:
+            timer.cancel()
+        for msg, enc in self._held.pop(hkey, []):
+            await self._deliver_sealed(msg, enc)
+
+    async def _got_public_key(self, device_id: str, b64: str) -> None:
+        """A peer's public key arrived: cache it, then open what waited for it."""
+        if self.crypto is not None and b64:
+            try:
+                self.crypto.add_peer(device_id, b64d(b64))
+            except CryptoError:
+                log.warning("%s: bad public key of %s", self.device_id, device_id)
+        if self.crypto is not None and device_id not in self.crypto.peers:
+            self._drop_held(("peer", device_id), "sender has no public key")
+        else:
+            await self._release(("peer", device_id))
+
+
+class TcpDevice(_E2E):
     """One simulated device on the FishChat TCP protocol. See the module docstring.
 
     Give ``gateway`` (one ``"host:port"`` or several, asked in turn) and/or
@@ -294,6 +477,8 @@ class TcpDevice:
         v1_login_wait: float = 0.3,
         logout_timeout: float = 2.0,
         id_prefix: str | None = None,
+        private_key: str | bytes | None = None,
+        key_wait: float = 10.0,
     ) -> None:
         if not device_id:
             raise ValueError("device_id must not be empty")
@@ -348,6 +533,8 @@ class TcpDevice:
         self.resent = 0  # messages written again after a reconnect or UNAVAILABLE
         self.reconnects = 0
         self.server_errors: collections.deque[tuple[str, str, str]] = collections.deque(maxlen=100)
+        # End-to-end encryption (docs/crypto.md): on when the device has its private key.
+        self._init_e2e(private_key, key_wait)
 
     # -- construction helpers ------------------------------------------------
     @classmethod
@@ -357,14 +544,21 @@ class TcpDevice:
         *,
         gateway: str | Sequence[str] | None = None,
         msg_server: str | Sequence[str] | None = None,
+        e2e: bool = False,
         **kwargs: Any,
     ) -> TcpDevice:
         """A token-session device from a provisioning bundle (a Bundle, its decoded JSON
-        or the path of the file). ``gateway`` / ``msg_server`` override the bundle's."""
+        or the path of the file). ``gateway`` / ``msg_server`` override the bundle's.
+        ``e2e=True`` seals and opens every message with the bundle's ``private_key``."""
         if isinstance(bundle, str | Path):
             bundle = load_bundle(bundle)
         elif not isinstance(bundle, Bundle):
             bundle = parse_bundle(bundle)
+        if e2e:
+            key = bundle.raw.get("private_key")
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"bundle of {bundle.id!r} has no private_key: register again")
+            kwargs["private_key"] = key
         return cls(
             bundle.id,
             bundle.token,
@@ -500,7 +694,13 @@ class TcpDevice:
             self.sent += 1
             return ""
         msg_id = self._check_id(id)
-        frame = self._frame("SEND_MESSAGE_P2P", [to, text, self.device_id, msg_id], msg_id)
+        if self.crypto is not None:
+            if to not in self.crypto.peers:
+                await self.public_key(to)
+            sealed, enc = self.crypto.seal_p2p(to, msg_id, text)
+            frame = self._frame("SEND_MESSAGE_P2P_E2E", [to, sealed, enc, msg_id], msg_id)
+        else:
+            frame = self._frame("SEND_MESSAGE_P2P", [to, text, self.device_id, msg_id], msg_id)
         return await self._submit(msg_id, frame)
 
     async def publish(self, topic: str, text: str, *, id: str | None = None) -> str:
@@ -511,8 +711,30 @@ class TcpDevice:
             self.sent += 1
             return ""
         msg_id = self._check_id(id)
-        frame = self._frame("SEND_MESSAGE_TOPIC", [topic, text, msg_id], msg_id)
+        if self.crypto is not None:
+            try:
+                sealed, enc = self.crypto.seal_topic(topic, msg_id, text)
+            except CryptoError as exc:
+                raise DeviceError(NO_KEY, str(exc), msg_id) from None
+            frame = self._frame("SEND_MESSAGE_TOPIC_E2E", [topic, sealed, enc, msg_id], msg_id)
+        else:
+            frame = self._frame("SEND_MESSAGE_TOPIC", [topic, text, msg_id], msg_id)
         return await self._submit(msg_id, frame)
+
+    # -- end-to-end keys -------------------------------------------------------
+    async def public_key(self, device_id: str) -> bytes:
+        """The registered X25519 public key of a device (``GET_PUBLIC_KEY``), cached.
+        Raises DeviceError(UNKNOWN_DEVICE) or NO_KEY when it has none."""
+        if self.crypto is not None and device_id in self.crypto.peers:
+            return self.crypto.peers[device_id]
+        frame = self._frame("GET_PUBLIC_KEY", [device_id], device_id)
+        b64 = await self._request_reply("GET_PUBLIC_KEY", device_id, frame)
+        if not b64:
+            raise DeviceError(NO_KEY, f"device {device_id!r} has no public key", device_id)
+        key = b64d(b64)
+        if self.crypto is not None:
+            self.crypto.add_peer(device_id, key)
+        return key
 
     async def create_topic(self, name: str) -> None:
         """Create an open topic owned by this device (it becomes a member).
@@ -828,6 +1050,7 @@ class TcpDevice:
 
     def _install(self, conn: _Conn) -> None:
         """The session is up: write what waits for it, in order, then open the gate."""
+        self._clear_held()
         self._conn = conn
         self.address = conn.address
         self._last_rx = asyncio.get_running_loop().time()
@@ -938,14 +1161,25 @@ class TcpDevice:
     async def _dispatch(self, cmd: str, args: list[str]) -> None:
         n = len(args)
         if cmd == "RESP_MESSAGE_P2P" and n >= 3:
-            # token: [msg, from, id, ts_ms]; v1: [msg, from, uuid]
+            # token: [msg, from, id, ts_ms] [+ enc when sealed]; v1: [msg, from, uuid]
             ts = int(args[3]) if n >= 4 and args[3].isdigit() else _now_ms()
-            await self._deliver(Message("p2p", args[2], args[1], args[0], "", ts))
+            msg = Message("p2p", args[2], args[1], args[0], "", ts)
+            if n >= 5 and args[4] != "none":
+                await self._deliver_sealed(msg, args[4])
+            else:
+                await self._deliver(msg)
         elif cmd == "RESP_MESSAGE_TOPIC" and n >= 3:
-            # token: [topic, msg, from, id, ts_ms]; v1: [topic, msg, from]
+            # token: [topic, msg, from, id, ts_ms] [+ enc when sealed]; v1: [topic, msg, from]
             msg_id = args[3] if n >= 4 else ""
             ts = int(args[4]) if n >= 5 and args[4].isdigit() else _now_ms()
-            await self._deliver(Message("topic", msg_id, args[2], args[1], args[0], ts))
+            msg = Message("topic", msg_id, args[2], args[1], args[0], ts)
+            if n >= 6 and args[5] != "none":
+                await self._deliver_sealed(msg, args[5])
+            else:
+                await self._deliver(msg)
+        elif cmd == "PUBLIC_KEY" and n >= 2:
+            await self._got_public_key(args[0], args[1])
+            self._answer("GET_PUBLIC_KEY", args[0], args[1])
         elif cmd == "ACCEPTED" and n >= 1:
             out = self._outgoing.get(args[0])
             if out is not None:
@@ -978,6 +1212,9 @@ class TcpDevice:
         # command it answers, so look among the messages first (their ids are random),
         # then at the one control request in flight.
         if ref:
+            if ("peer", ref) in self._held and code != errors.UNAVAILABLE:
+                # The sender of held sealed messages has no key (unknown, revoked).
+                self._drop_held(("peer", ref), f"{code} {text}")
             out = self._outgoing.get(ref)
             if out is not None:
                 if code == errors.UNAVAILABLE and self.retry_unavailable and not self._closing:
@@ -1026,6 +1263,9 @@ class TcpDevice:
             self._seen.popitem(last=False)
         if self.auto_ack:
             self._acks.append(msg.id)
+
+    def _ask_public_key(self, device_id: str) -> None:
+        self._write(encode_frame("GET_PUBLIC_KEY", [device_id]))
 
     def _flush_acks(self) -> None:
         """Write the acks gathered from one read: v1 sessions one ``P2P_ACK [client_id,

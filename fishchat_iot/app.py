@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import ssl
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +20,7 @@ from device_adapters.tcp.session import TcpSession
 from fishchat_iot import __version__
 from fishchat_iot.bus.local import LocalBus
 from fishchat_iot.config import Settings
+from fishchat_iot.crypto.atrest import SERVER_KEY_FILE, AtRest, SealedStore, load_server_key
 from fishchat_iot.roles.gateway import Gateway
 from fishchat_iot.roles.manager import Manager, now_ms
 from fishchat_iot.roles.msg_server import MsgServer
@@ -48,9 +50,13 @@ class EmbeddedApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = SqliteStore(settings.sqlite_path, settings.store.queue_max)
+        # Queued bodies not sealed end to end are sealed at rest under the server key
+        # (fishchat_iot/crypto/atrest.py); live deliveries never go through it.
+        self.sealed = SealedStore(self.store)
+        queues = self.sealed.as_store()
         self.bus = LocalBus()
-        self.manager = Manager(self.store, settings.delivery.offline_max_age)
-        self.router = Router(self.bus, self.store, settings.delivery.offline_max)
+        self.manager = Manager(queues, settings.delivery.offline_max_age)
+        self.router = Router(self.bus, queues, settings.delivery.offline_max)
         self.gateway = Gateway(self.bus)
         tcp = settings.tcp
         self.msg_listener = TcpListener(
@@ -63,9 +69,14 @@ class EmbeddedApp:
             tcp.host,
             tcp.gateway_port,
         )
+        # TLS (docs/security.md): the msg_server listener again, with TLS; MQTT's is the
+        # embedded broker's (device_adapters/mqtt/broker.py). Built in start().
+        self.tls_context: ssl.SSLContext | None = None
+        self.tls_listener: TcpListener | None = None
         self.msg_server: MsgServer | None = None
         self.mqtt: MqttEdge | None = None  # mqtt.mode "embedded" or "external"
         self.serial: Any = None  # the serial adapter, when [serial] lists ports
+        self.monitor: Any = None  # roles/monitor.py, when [monitor] enabled (and it bound)
         self._status_task: asyncio.Task[None] | None = None
         self.started_ms = now_ms()
 
@@ -75,6 +86,7 @@ class EmbeddedApp:
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.sealed.atrest = AtRest(load_server_key(self.settings.data_dir / SERVER_KEY_FILE))
         await self.store.open()
         try:
             await self.bus.open()
@@ -87,13 +99,46 @@ class EmbeddedApp:
                 self.settings, self.bus, self.manager, self.router, node_id, address
             )
             await self.msg_server.start()
+            await self._start_tls()
             await self.gateway_listener.start()
             await self._start_mqtt(self.msg_server)
             await self._start_serial()
+            await self._start_monitor()
         except BaseException:
             await self.stop()
             raise
         self._status_task = asyncio.get_running_loop().create_task(self._write_status_forever())
+        # Once everything is up (a failed start says only what failed, in one line).
+        plain = [f"msg_server {self.msg_listener.address}"]
+        if self.settings.mqtt.mode == "embedded":
+            plain.append(f"MQTT {self.settings.mqtt.host}:{getattr(self.mqtt, 'port', '?')}")
+        log.warning(
+            "plain listeners (unencrypted TCP, for development): %s; devices on a network "
+            "should use TLS (tls.enabled, docs/security.md)",
+            ", ".join(plain),
+        )
+
+    async def _start_tls(self) -> None:
+        """The TLS msg_server listener (tls.enabled); TlsError if its files are wrong."""
+        t = self.settings.tls
+        if not t.enabled:
+            return
+        from fishchat_iot import tls as tlsmod
+
+        self.tls_context = tlsmod.server_context(
+            tlsmod.paths(self.settings.data_dir / "certs", t.cert, t.key, t.ca)
+        )
+        self.tls_listener = TcpListener(
+            "msg_server TLS",
+            "tls.msg_port",
+            self._msg_session,
+            self.settings.tcp.host,
+            t.msg_port,
+            tls=self.tls_context,
+            handshake_timeout=self.settings.tcp.login_timeout,
+        )
+        await self.tls_listener.start()
+        log.info("msg_server TLS listener on %s", self.tls_listener.address)
 
     async def _start_mqtt(self, msg_server: MsgServer) -> None:
         # Imported here: amqtt and paho are heavy, and not needed with mqtt.mode = "off".
@@ -125,14 +170,45 @@ class EmbeddedApp:
         self.serial = SerialAdapter(self.settings.serial, f"{host}:{self.msg_listener.port}")
         await self.serial.start()
 
+    async def _start_monitor(self) -> None:
+        """The dashboard, API and /metrics (docs/monitor.md). A port that cannot be bound
+        is a warning, not a failure: messaging does not stop for its observer."""
+        if not self.settings.monitor.enabled:
+            return
+        from fishchat_iot.roles.monitor import Monitor
+
+        monitor = Monitor(self)
+        try:
+            await monitor.start()
+        except OSError as exc:
+            m = self.settings.monitor
+            log.warning(
+                "monitor not started: cannot listen on %s:%s (%s); set [monitor] port "
+                "(or up --monitor-port, 0 = any free port)",
+                m.host,
+                m.port,
+                exc.strerror or exc,
+            )
+            return
+        self.monitor = monitor
+
     def listeners(self) -> dict[str, str]:
         host = self.settings.node.advertise_host
         addrs = {
             "gateway": f"{host}:{self.gateway_listener.port}",
             "msg_server": f"{host}:{self.msg_listener.port}",
         }
+        if self.tls_listener is not None:
+            addrs["msg_server_tls"] = f"{host}:{self.tls_listener.port}"
         if self.mqtt is not None:
             addrs["mqtt"] = self.mqtt.address
+            tls_address = getattr(self.mqtt, "tls_address", None)
+            if tls_address:
+                addrs["mqtt_tls"] = tls_address
+        if self.monitor is not None:
+            addrs["monitor"] = self.monitor.address
+            if self.monitor.metrics_address:
+                addrs["metrics"] = self.monitor.metrics_address
         return addrs
 
     async def stop(self) -> None:
@@ -140,11 +216,16 @@ class EmbeddedApp:
             self._status_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._status_task
+        if self.monitor is not None:
+            await self.monitor.stop()
+            self.monitor = None
         if self.serial is not None:
             await self.serial.stop()
         if self.mqtt is not None:
             await self.mqtt.stop()
         await self.gateway_listener.stop()
+        if self.tls_listener is not None:
+            await self.tls_listener.stop()
         await self.msg_listener.stop()
         if self.msg_server is not None:
             await self.msg_server.stop()

@@ -131,6 +131,40 @@ class MqttSettings:
 
 
 @dataclass
+class LimitsSettings:
+    msg_rate: float = 100.0  # messages/s per device, sustained; 0 = no limit
+    msg_burst: int = 200  # messages a device may send at once above msg_rate
+    byte_rate: float = 1048576.0  # bytes/s per device read from it, sustained; 0 = no limit
+    byte_burst: int = 4194304  # bytes at once above byte_rate
+    login_fail_burst: int = 10  # failed logins per source address before it is throttled
+    login_fail_device_burst: int = 50  # failed logins per device id before it is throttled
+    login_fail_refill: float = 0.1  # failed logins forgiven per second (one every 10 s)
+    conn_rate: float = 50.0  # new connections/s per source address; 0 = no limit
+    conn_burst: int = 200  # connections at once above conn_rate
+    exempt: str = "127.0.0.1 ::1"  # addresses without per-address limits (space-separated)
+
+
+@dataclass
+class TlsSettings:
+    enabled: bool = False  # also listen with TLS (needs `certs init` + `certs issue server`)
+    msg_port: int = 19443  # TLS msg_server listener; 0 = pick a free port
+    mqtt_port: int = 8883  # TLS listener of the embedded MQTT broker; 0 = pick a free port
+    cert: str = ""  # server certificate (PEM); "" = {data_dir}/certs/server.pem
+    key: str = ""  # its private key (PEM); "" = {data_dir}/certs/server.key
+    ca: str = ""  # CA that client certificates must chain to; "" = {data_dir}/certs/ca.pem
+
+
+@dataclass
+class MonitorSettings:
+    enabled: bool = True  # serve the dashboard, JSON API and /metrics (docs/monitor.md)
+    host: str = "127.0.0.1"  # bind address of the monitor
+    port: int = 30000  # dashboard + API (+ /metrics, /healthz, /readyz); 0 = pick a free port
+    metrics_host: str = ""  # a separate bind for /metrics and health, served without a token
+    metrics_port: int = -1  # -1 = no separate bind (then /metrics needs a token); 0 = free port
+    session_hours: float = 12.0  # hours a login cookie stays valid
+
+
+@dataclass
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     tcp: TcpSettings = field(default_factory=TcpSettings)
@@ -138,6 +172,9 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     serial: SerialSettings = field(default_factory=SerialSettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
 
     @property
     def data_dir(self) -> Path:

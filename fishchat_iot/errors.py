@@ -22,6 +22,9 @@ QUEUE_FULL = "QUEUE_FULL"  # recipient's offline queue is at its bound; not acce
 UNAVAILABLE = "UNAVAILABLE"  # store busy or down; not accepted, retry later
 SESSION_REPLACED = "SESSION_REPLACED"  # sent to the old connection on a second login
 KEEPALIVE_TIMEOUT = "KEEPALIVE_TIMEOUT"
+RATE_LIMITED = "RATE_LIMITED"  # over limits.msg_rate / byte_rate; not accepted, retry later
+THROTTLED = "THROTTLED"  # too many failed logins from this address or as this id; closed
+E2E_UNSUPPORTED = "E2E_UNSUPPORTED"  # sealed message to a recipient on a v1 session
 
 
 class FishChatError(Exception):

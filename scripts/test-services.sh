@@ -11,7 +11,7 @@ declare -A package_of=(
 )
 need=()
 # Daemons live in /usr/sbin, which is not on every user's PATH (the tests look there too).
-for prog in ${FISHCHAT_TEST_PROGRAMS:-redis-server mosquitto mosquitto_passwd mosquitto_pub mosquitto_sub}; do
+for prog in ${FISHCHAT_TEST_PROGRAMS:-redis-server mosquitto mosquitto_passwd mosquitto_pub mosquitto_sub chromium}; do
   if ! command -v "$prog" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$prog" ]; then
     pkg="${package_of[$prog]:-$prog}"
     [[ " ${need[*]} " == *" $pkg "* ]] || need+=("$pkg")

@@ -56,6 +56,7 @@ from device_adapters.tcp.listener import ListenError
 from fishchat_iot import errors
 from fishchat_iot.auth import token_matches
 from fishchat_iot.config import Settings
+from fishchat_iot.limits import limits_for
 from fishchat_iot.roles.manager import Manager
 from fishchat_iot.roles.msg_server import MsgServer, valid_name
 from fishchat_iot.stores.base import StoreUnavailable
@@ -172,12 +173,24 @@ class EmbeddedMqtt:
         self.uplink_qos = 2
         self.broker: FishchatBroker | None = None
         self._server: asyncio.Server | None = None
+        # TLS (tls.enabled): a second listener; its connections by peer address, so the
+        # auth plugin finds the client certificate of a CONNECT.
+        self.tls_port = settings.tls.mqtt_port
+        self._tls_server: asyncio.Server | None = None
+        self._tls_conns: dict[tuple[str, int], Connection] = {}
         self._conns: dict[asyncio.Task[Any], Connection] = {}
+        self.limits = limits_for(server)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
     def address(self) -> str:
         return f"{self.settings.node.advertise_host}:{self.port}"
+
+    @property
+    def tls_address(self) -> str:
+        if self._tls_server is None:
+            return ""
+        return f"{self.settings.node.advertise_host}:{self.tls_port}"
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -198,6 +211,8 @@ class EmbeddedMqtt:
                 "(mqtt.host, --mqtt-port)"
             ) from None
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.settings.tls.enabled:
+            await self._start_tls()
         config = {
             "listeners": {
                 LISTENER: {"type": "external", "bind": f"{self.host}:{self.port}"},
@@ -214,7 +229,47 @@ class EmbeddedMqtt:
         await self.broker.start()
         log.info("MQTT edge (embedded amqtt) listening on %s:%d", self.host, self.port)
 
+    async def _start_tls(self) -> None:
+        from fishchat_iot import tls as tlsmod
+
+        t = self.settings.tls
+        ctx = tlsmod.server_context(
+            tlsmod.paths(self.settings.data_dir / "certs", t.cert, t.key, t.ca)
+        )
+        try:
+            self._tls_server = await asyncio.start_server(
+                self._on_tls_connection,
+                self.host,
+                self.tls_port,
+                reuse_address=True,
+                backlog=1024,
+                ssl=ctx,
+                ssl_handshake_timeout=self.connect_timeout,
+            )
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen for MQTT over TLS on {self.host}:{self.tls_port}: "
+                f"{exc.strerror} (tls.mqtt_port; 0 = any free)"
+            ) from None
+        self.tls_port = self._tls_server.sockets[0].getsockname()[1]
+        log.info("MQTT edge TLS listener on %s:%d", self.host, self.tls_port)
+
+    async def _on_tls_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        from fishchat_iot.tls import peer_cn
+
+        peer = writer.get_extra_info("peername")
+        key = (peer[0], peer[1]) if peer else ("?", 0)
+        cert_id = peer_cn(writer.get_extra_info("peercert"))
+        try:
+            await self._on_connection(reader, writer, cert_id=cert_id, tls_key=key)
+        finally:
+            self._tls_conns.pop(key, None)
+
     async def stop(self) -> None:
+        if self._tls_server is not None:
+            self._tls_server.close()
         if self._server is not None:
             self._server.close()
         for conn in list(self._conns.values()):
@@ -236,6 +291,9 @@ class EmbeddedMqtt:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
+        if self._tls_server is not None:
+            with contextlib.suppress(Exception):
+                await self._tls_server.wait_closed()
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -245,11 +303,22 @@ class EmbeddedMqtt:
 
     # -- connections --------------------------------------------------------------------
     async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        cert_id: str | None = None,
+        tls_key: tuple[str, int] | None = None,
     ) -> None:
         task = asyncio.current_task()
         assert task is not None and self.broker is not None
         conn = Connection(writer)
+        peer = writer.get_extra_info("peername")
+        if peer and not self.limits.connection_allowed(str(peer[0]), "mqtt"):
+            conn.transport.abort()  # over limits.conn_rate
+            return
+        conn.cert_id = cert_id
+        if tls_key is not None:
+            self._tls_conns[tls_key] = conn
         self._conns[task] = conn
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -292,7 +361,10 @@ class EmbeddedMqtt:
         cid = amqtt_session.client_id or ""
         user = amqtt_session.username
         where = f"{amqtt_session.remote_address}:{amqtt_session.remote_port}"
-        if not valid_name(cid) or len(cid) > 64 or user != cid:
+        # A verified client certificate whose CN is the client id stands for user name
+        # and password (TLS listener; docs/security.md).
+        by_cert = not amqtt_session.password and self._cert_id(amqtt_session) == cid
+        if not valid_name(cid) or len(cid) > 64 or (user != cid and not (by_cert and not user)):
             log.warning(
                 "MQTT CONNECT from %s refused: client id %r and username %r must both be "
                 "the device id",
@@ -301,13 +373,19 @@ class EmbeddedMqtt:
                 (user or "")[:70],
             )
             return False
+        addr = str(amqtt_session.remote_address)
+        if self.limits.login_blocked(addr, cid) is not None:
+            return False  # failed-login throttling (logged by Limits, not too often)
         try:
             rec = await self.manager.device(cid)
         except StoreUnavailable:
             log.warning("MQTT CONNECT of %s refused: registry unavailable", cid)
             return False
         password = amqtt_session.password
-        if rec is None or not password or not token_matches(password, rec.token_hash):
+        if by_cert and rec is not None:
+            pass  # the client certificate's CN is the device id
+        elif rec is None or not password or not token_matches(password, rec.token_hash):
+            self.limits.login_failed(addr, cid)
             log.warning(
                 "MQTT CONNECT of %r from %s refused: unknown device or wrong token", cid, where
             )
@@ -329,7 +407,9 @@ class EmbeddedMqtt:
         device_id = amqtt_session.client_id or ""
         keepalive = int(amqtt_session.attributes.get(KEEPALIVE, amqtt_session.keep_alive))
         s = MqttSession(self, conn, device_id, keepalive)
-        failure = await self.server.login(s, device_id, amqtt_session.password or "")
+        password = amqtt_session.password or ""
+        cert = not password and conn.cert_id is not None and conn.cert_id == device_id
+        failure = await self.server.login(s, device_id, password, cert=cert)
         if failure is not None:
             log.warning("MQTT session of %s refused: %s: %s", device_id, *failure)
             conn.transport.close()
@@ -353,6 +433,12 @@ class EmbeddedMqtt:
             keepalive,
         )
         return s
+
+    def _cert_id(self, amqtt_session: AmqttSession) -> str | None:
+        """The client certificate CN of a CONNECT that came over TLS, else None."""
+        key = (str(amqtt_session.remote_address), int(amqtt_session.remote_port or 0))
+        conn = self._tls_conns.get(key)
+        return conn.cert_id if conn is not None else None
 
     def subscription_added(self, client_id: str, topic_filter: str, granted: int) -> None:
         if granted == SUBSCRIBE_REFUSED:

@@ -13,12 +13,15 @@ import orjson
 
 from fishchat_iot import errors
 from fishchat_iot.core.envelope import Envelope
+from fishchat_iot.crypto.seal import CryptoError, parse_enc
 from fishchat_iot.roles.msg_server import MAX_ID_LEN, valid_name
 
 ROOT = "fc"
 INBOX = "in"
 MAX_ACK_IDS = 1000  # ids in one ack envelope
-CTL_OPS = frozenset({"create_topic", "join_topic", "leave_topic", "hello", "bye", "ping"})
+CTL_OPS = frozenset(
+    {"create_topic", "join_topic", "leave_topic", "hello", "bye", "ping", "public_key"}
+)
 # The uplink topic kinds under fc/{id}/, and the ones that name a target after them.
 KINDS_WITH_TARGET = frozenset({"p2p", "topic"})
 KINDS = frozenset({"p2p", "topic", "ack", "ctl"})
@@ -53,6 +56,7 @@ class Uplink:
     target: str
     id: str = ""
     body: str = ""
+    enc: str = "none"  # how body is sealed (docs/crypto.md); the server never opens it
     ids: list[str] | None = None  # ack
     op: str = ""  # ctl
     token: str = ""  # ctl hello (external mode)
@@ -133,10 +137,16 @@ def parse_uplink(kind: str, target: str, payload: bytes, max_payload: int) -> Up
         if ts is not None and (not isinstance(ts, int) or isinstance(ts, bool)):
             raise BadEnvelope(errors.BAD_ARGS, "'ts' must be a whole number of milliseconds", ref)
         enc = doc.get("enc")
-        if enc is not None and enc != "none":
-            # The core carries plaintext-or-opaque bodies only so far (enc = "none").
-            raise BadEnvelope(errors.BAD_ARGS, f"'enc' {str(enc)[:40]!r} is not supported", ref)
-        return Uplink(kind, target, id=msg_id, body=body)
+        if enc is None or enc == "none":
+            return Uplink(kind, target, id=msg_id, body=body)
+        try:
+            parse_enc(enc if isinstance(enc, str) else "")
+        except CryptoError:
+            text = f"'enc' {str(enc)[:40]!r} is not supported"
+            raise BadEnvelope(errors.BAD_ARGS, text, ref) from None
+        if not body:
+            raise BadEnvelope(errors.BAD_ARGS, "empty sealed body", ref)
+        return Uplink(kind, target, id=msg_id, body=body, enc=enc)
     if kind == "ack":
         ids = doc.get("ids")
         if not isinstance(ids, list) or not ids:
@@ -154,7 +164,11 @@ def parse_uplink(kind: str, target: str, payload: bytes, max_payload: int) -> Up
             f"unknown op {op[:40]!r}: use one of {', '.join(sorted(CTL_OPS))}",
         )
     name = ""
-    if op.endswith("_topic"):
+    if op == "public_key":
+        name = _string(doc, "device", "")
+        if not valid_name(name):
+            raise BadEnvelope(errors.BAD_ARGS, f"invalid device id {name[:150]!r}", name[:150])
+    elif op.endswith("_topic"):
         name = _string(doc, "topic", "")
         if not valid_name(name):
             raise BadEnvelope(errors.BAD_ARGS, f"invalid topic name {name[:150]!r}", name[:150])

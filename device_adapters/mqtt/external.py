@@ -100,6 +100,9 @@ class ExternalSession(UplinkSession):
     def emit_located(self, address: str, topic: str) -> None:
         self._record(codec.ok("join_topic", topic, address=address))
 
+    def emit_payload(self, payload: bytes) -> None:
+        self._record(payload)
+
     def write_out(self) -> None:
         out, self.out = self.out, bytearray()
         view = memoryview(out)

@@ -25,6 +25,7 @@ from device_adapters.mqtt.uplink import UplinkSession
 from fishchat_iot import errors
 from fishchat_iot.core.envelope import Envelope
 from fishchat_iot.core.session import Mode
+from fishchat_iot.limits import DeviceRate, host_of
 
 if TYPE_CHECKING:
     from device_adapters.mqtt.broker import EmbeddedMqtt
@@ -40,6 +41,7 @@ class Connection:
     turn: on this kind of host a send costs far more than the bytes in it."""
 
     __slots__ = (
+        "cert_id",
         "connect_timer",
         "dead",
         "flush_handle",
@@ -62,6 +64,7 @@ class Connection:
         self.session: MqttSession | None = None
         self.dead = False  # refused (oversize packet): reads return EOF from now on
         self.connect_timer: asyncio.TimerHandle | None = None
+        self.cert_id: str | None = None  # CN of a verified client certificate (TLS)
         # The protocol pauses writing above this: then the session is fed from its queue.
         self.high_water = writer.transport.get_write_buffer_limits()[1]
 
@@ -155,20 +158,49 @@ class MqttSession(UplinkSession):
         self._packet_id = 0
         self._write_blocked = False
         self._read_pauses = 0
+        self.rate: DeviceRate | None = None  # limits.py, from the first publish
+        self.no_rate = False  # no limits for it (limits.exempt, or rates off)
 
     # -- from the device (UplinkSession.on_publish) ------------------------------------
+    def _within_rate(self, up: Uplink) -> bool:
+        """limits.msg_rate and byte_rate (bytes of the body here): over them the device
+        is told RATE_LIMITED on its inbox and the message is not accepted."""
+        if self.rate is None:
+            if self.no_rate:
+                return True
+            self.rate = self.edge.limits.device_rate(self.device_id, host_of(self.conn.peer))
+            if self.rate is None:
+                self.no_rate = True
+                return True
+        self.rate.refill(time.monotonic())
+        if self.rate.take_msg() and self.rate.take_bytes(len(up.body), force=False):
+            return True
+        lim = self.server.settings.limits
+        self.emit_error(
+            errors.RATE_LIMITED,
+            f"over {lim.msg_rate:g} messages/s or {lim.byte_rate:g} bytes/s (limits.msg_rate, "
+            "limits.byte_rate): not accepted, send it again later",
+            up.id,
+        )
+        self.mark_dirty()
+        return False
+
     def send_p2p(self, up: Uplink, qos: int) -> None:
+        if not self._within_rate(up):
+            return
         # Live deliveries of this message keep its QoS (MQTT: min(publish, subscription)).
         self.edge.uplink_qos = qos
         try:
-            self.server.send_p2p(self, up.target, up.body, up.id)
+            self.server.send_p2p(self, up.target, up.body, up.id, up.enc)
         finally:
             self.edge.uplink_qos = 2
 
     def send_topic(self, up: Uplink, qos: int) -> asyncio.Task[Any] | None:
+        if not self._within_rate(up):
+            return None
         self.edge.uplink_qos = qos
         try:
-            return self.server.send_topic(self, up.target, up.body, up.id)
+            return self.server.send_topic(self, up.target, up.body, up.id, up.enc)
         finally:
             self.edge.uplink_qos = 2
 
@@ -208,6 +240,9 @@ class MqttSession(UplinkSession):
 
     def emit_located(self, address: str, topic: str) -> None:
         self._append(codec.ok("join_topic", topic, address=address), self._qos())
+
+    def emit_payload(self, payload: bytes) -> None:
+        self._append(payload, self._qos())
 
     def write_out(self) -> None:
         out = self.out

@@ -14,8 +14,10 @@ from typing import Any
 
 from device_adapters.mqtt import codec
 from device_adapters.mqtt.codec import BadEnvelope, Uplink
+from fishchat_iot import errors
 from fishchat_iot.core.session import Session
 from fishchat_iot.roles.msg_server import MsgServer
+from fishchat_iot.stores.base import StoreUnavailable
 
 log = logging.getLogger("fishchat.mqtt")
 
@@ -76,16 +78,36 @@ class UplinkSession(Session):
             return server.spawn(server.join_topic(self, up.target), "join-topic")
         elif up.op == "leave_topic":
             return server.spawn(server.leave_topic(self, up.target), "leave-topic")
+        elif up.op == "public_key":
+            return server.spawn(self._public_key(up.target), "public-key")
         else:
             return self.control(up)
         return None
 
     # -- what subclasses may change -------------------------------------------------------
     def send_p2p(self, up: Uplink, qos: int) -> None:
-        self.server.send_p2p(self, up.target, up.body, up.id)
+        self.server.send_p2p(self, up.target, up.body, up.id, up.enc)
 
     def send_topic(self, up: Uplink, qos: int) -> asyncio.Task[Any] | None:
-        return self.server.send_topic(self, up.target, up.body, up.id)
+        return self.server.send_topic(self, up.target, up.body, up.id, up.enc)
+
+    def emit_payload(self, payload: bytes) -> None:
+        """Publish one inbox envelope built by ``codec`` (the public-key answer)."""
+        raise NotImplementedError
+
+    async def _public_key(self, device_id: str) -> None:
+        """ctl ``public_key``: ``{"kind": "ok", "op": "public_key", "device": id, "key": b64}``
+        (``"key": ""`` when the device has none), or an UNKNOWN_DEVICE error."""
+        try:
+            key = await self.server.public_key(device_id)
+        except StoreUnavailable:
+            self.emit_error(errors.UNAVAILABLE, "registry unavailable, retry later", device_id)
+        else:
+            if key is None:
+                self.emit_error(errors.UNKNOWN_DEVICE, f"no device {device_id!r}", device_id)
+            else:
+                self.emit_payload(codec.ok("public_key", device=device_id, key=key))
+        self.mark_dirty()
 
     def control(self, up: Uplink) -> asyncio.Task[Any] | None:
         """``hello``, ``bye``, ``ping``: answered ``ok`` unless the mode does more."""

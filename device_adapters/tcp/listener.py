@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ssl
 from collections.abc import Callable
 
 
@@ -19,8 +20,12 @@ class TcpListener:
         factory: Callable[[TcpListener], asyncio.Protocol],
         host: str,
         port: int,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
         self.name = name
+        self.tls = tls  # a TLS listener: sessions see the verified client certificate
+        self.handshake_timeout = handshake_timeout
         self.option = option  # the setting that picks the port, for error messages
         self._factory = factory
         self.host = host
@@ -31,9 +36,24 @@ class TcpListener:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            self.server = await loop.create_server(
-                lambda: self._factory(self), self.host, self.port, reuse_address=True, backlog=1024
-            )
+            if self.tls is None:
+                self.server = await loop.create_server(
+                    lambda: self._factory(self),
+                    self.host,
+                    self.port,
+                    reuse_address=True,
+                    backlog=1024,
+                )
+            else:
+                self.server = await loop.create_server(
+                    lambda: self._factory(self),
+                    self.host,
+                    self.port,
+                    reuse_address=True,
+                    backlog=1024,
+                    ssl=self.tls,
+                    ssl_handshake_timeout=self.handshake_timeout,
+                )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ListenError(

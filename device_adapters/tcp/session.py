@@ -24,7 +24,11 @@ from device_adapters.tcp.listener import TcpListener
 from fishchat_iot import errors
 from fishchat_iot.core.envelope import KIND_TOPIC, Envelope
 from fishchat_iot.core.session import Mode, Session
+from fishchat_iot.crypto.seal import CryptoError, parse_enc
+from fishchat_iot.limits import DeviceRate, host_of, limits_for
 from fishchat_iot.roles.msg_server import MsgServer, valid_name
+from fishchat_iot.stores.base import StoreUnavailable
+from fishchat_iot.tls import peer_cn
 
 log = logging.getLogger("fishchat.tcp")
 
@@ -55,6 +59,10 @@ class TcpSession(Session, asyncio.Protocol):
         self.spoof_logged = False
         self._write_paused = False
         self._read_pauses = 0
+        self.cert_id: str | None = None  # CN of a verified client certificate (TLS)
+        self.limits = limits_for(server)
+        self.rate: DeviceRate | None = None  # the device's rate buckets, once logged in
+        self._throttled = False  # reading paused until the device's rate debt is paid
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -66,6 +74,11 @@ class TcpSession(Session, asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if peer and not self.limits.connection_allowed(str(peer[0]), self.listener.name):
+            self.transport.abort()  # over limits.conn_rate: no frame, no timer
+            return
+        if self.listener.tls is not None:
+            self.cert_id = peer_cn(transport.get_extra_info("peercert"))
         self.login_timer = asyncio.get_running_loop().call_later(
             self.server.settings.tcp.login_timeout, self._login_timed_out
         )
@@ -98,9 +111,17 @@ class TcpSession(Session, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         items = self.decoder.feed(data)
+        rate = self.rate
         if self.node is not None:
-            self.last_seen = time.monotonic()
+            self.last_seen = now = time.monotonic()
+            if rate is not None:  # one refill per read batch (limits.py)
+                rate.refill(now)
+                rate.take_bytes(len(data))
         self._handle(items)
+        if rate is not None and not self._throttled:
+            wait = rate.wait()
+            if wait > 0:  # over the byte rate (or a v1 session over the message rate)
+                self._throttle(wait)
 
     # -- command dispatch ------------------------------------------------------------
     def _handle(self, items: list[tuple[str, list[str]] | FrameError]) -> None:
@@ -131,6 +152,8 @@ class TcpSession(Session, asyncio.Protocol):
             if not lo <= len(args) <= hi:
                 want = f"{lo}" if lo == hi else f"{lo} to {hi}"
                 self._bad_input(errors.BAD_ARGS, f"{cmd} takes {want} arguments, got {len(args)}")
+                continue
+            if self.rate is not None and cmd in RATED and not self._within_rate(cmd, args):
                 continue
             task = handler(self, args)
             if task is not None and not task.done():
@@ -182,6 +205,33 @@ class TcpSession(Session, asyncio.Protocol):
             self.transport.write(out)
             self.transport.close()
 
+    def _within_rate(self, cmd: str, args: list[str]) -> bool:
+        """A message within the device's limits.msg_rate? Over it, a token session is
+        told RATE_LIMITED (not accepted); a v1 session is served and its reading paused
+        after this batch until the rate allows (it cannot parse ERROR)."""
+        assert self.rate is not None
+        if self.rate.take_msg(force=self.v1) or self.v1:
+            return True
+        i = RATED[cmd]
+        ref = args[i] if len(args) > i else ""
+        self.emit_error(
+            errors.RATE_LIMITED,
+            f"over {self.server.settings.limits.msg_rate:g} messages/s (limits.msg_rate): "
+            "not accepted, send it again later",
+            ref,
+        )
+        self.mark_dirty()
+        return False
+
+    def _throttle(self, wait: float) -> None:
+        self._throttled = True
+        self._pause_reading()
+        asyncio.get_running_loop().call_later(min(wait, 60.0), self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self._throttled = False
+        self._resume_reading()
+
     # -- login -----------------------------------------------------------------------
     def _begin_login(self, args: list[str]) -> None:
         if not 1 <= len(args) <= 2:
@@ -198,20 +248,36 @@ class TcpSession(Session, asyncio.Protocol):
             else:
                 self._refuse(errors.AUTH_FAILED, f"invalid device id {args[0][:70]!r}")
             return
+        token = args[1] if len(args) == 2 else None
+        why = self.limits.login_blocked(host_of(self.peer), args[0])
+        if why is not None:  # failed-login throttling: refused without a registry lookup
+            if token is None:
+                if self.transport is not None:
+                    self.transport.close()
+            elif self.transport is not None and not self.transport.is_closing():
+                out = bytearray()
+                append_frame(out, "ERROR", [errors.THROTTLED, why])
+                self.transport.write(out)
+                self.transport.close()
+            return
         self.logging_in = True
         self._pause_reading()
-        token = args[1] if len(args) == 2 else None
-        self.login_task = asyncio.get_running_loop().create_task(self._login(args[0], token))
+        # [id] on TLS with a verified client certificate whose CN is that id: a token
+        # session authenticated by the certificate (docs/security.md).
+        cert = token is None and self.cert_id is not None and self.cert_id == args[0]
+        self.login_task = asyncio.get_running_loop().create_task(self._login(args[0], token, cert))
 
-    async def _login(self, device_id: str, token: str | None) -> None:
-        failure = await self.server.login(self, device_id, token)
+    async def _login(self, device_id: str, token: str | None, cert: bool = False) -> None:
+        failure = await self.server.login(self, device_id, token, cert=cert)
         self.login_task = None
         if self.transport is None or self.transport.is_closing():
             self.server.session_closed(self)
             return
         if failure is not None:
             code, text = failure
-            if token is None:
+            if code == errors.AUTH_FAILED or code == errors.V1_NOT_ALLOWED:
+                self.limits.login_failed(host_of(self.peer), device_id)
+            if token is None and not cert:
                 # A v1 client cannot parse ERROR: close, and say why in the log.
                 log.warning("refused v1 login of %r from %s: %s", device_id, self.peer, text)
                 self.transport.close()
@@ -221,8 +287,12 @@ class TcpSession(Session, asyncio.Protocol):
         if self.login_timer is not None:
             self.login_timer.cancel()
             self.login_timer = None
+        self.rate = self.limits.device_rate(device_id, host_of(self.peer))
         log.info(
-            "device %s logged in from %s (%s)", device_id, self.peer, "v1" if self.v1 else "token"
+            "device %s logged in from %s (%s)",
+            device_id,
+            self.peer,
+            "v1" if self.v1 else ("certificate" if cert else "token"),
         )
         if not self.v1:
             # Ahead of anything the queue feed appends.
@@ -263,7 +333,9 @@ class TcpSession(Session, asyncio.Protocol):
 
     # -- Session: what the core emits -------------------------------------------------
     def emit_message(self, env: Envelope) -> None:
-        if env.kind == KIND_TOPIC:
+        if env.enc != "none":
+            self._emit_sealed(env)
+        elif env.kind == KIND_TOPIC:
             if self.v1:
                 append_frame(self.out, "RESP_MESSAGE_TOPIC", [env.topic, env.body, env.sender])
             else:
@@ -276,6 +348,27 @@ class TcpSession(Session, asyncio.Protocol):
             append_frame(self.out, "RESP_MESSAGE_P2P", [env.body, env.sender, env.id])
         else:
             append_frame(self.out, "RESP_MESSAGE_P2P", [env.body, env.sender, env.id, str(env.ts)])
+
+    def _emit_sealed(self, env: Envelope) -> None:
+        """A sealed (E2E) body: the token session's delivery frame with ``enc`` appended;
+        a v1 session is never sent one (it could not open it): dropped and logged."""
+        if self.v1:
+            log.warning(
+                "sealed message %s from %s not delivered to v1 session of %s",
+                env.id,
+                env.sender,
+                self.device_id,
+            )
+        elif env.kind == KIND_TOPIC:
+            append_frame(
+                self.out,
+                "RESP_MESSAGE_TOPIC",
+                [env.topic, env.body, env.sender, env.id, str(env.ts), env.enc],
+            )
+        else:
+            append_frame(
+                self.out, "RESP_MESSAGE_P2P", [env.body, env.sender, env.id, str(env.ts), env.enc]
+            )
 
     def emit_accepted(self, msg_id: str) -> None:
         if not self.v1:
@@ -356,6 +449,53 @@ def _send_topic(s: TcpSession, args: list[str]) -> asyncio.Task[Any] | None:
     return s.server.send_topic(s, args[0], args[1], args[2] if len(args) > 2 and not s.v1 else "")
 
 
+def _check_e2e(s: TcpSession, cmd: str, body: str, enc: str, mid: str) -> bool:
+    if s.v1:
+        s._bad_input(errors.UNKNOWN_COMMAND, f"{cmd} needs a token session")
+        return False
+    try:
+        parse_enc(enc)
+    except CryptoError:
+        s.emit_error(errors.BAD_ARGS, f"unknown enc {enc[:40]!r}", mid)
+        s.mark_dirty()
+        return False
+    if not body:
+        s.emit_error(errors.BAD_ARGS, "empty sealed body", mid)
+        s.mark_dirty()
+        return False
+    return True
+
+
+def _send_p2p_e2e(s: TcpSession, args: list[str]) -> None:
+    # [to, sealed_b64, enc, id]
+    if _check_e2e(s, "SEND_MESSAGE_P2P_E2E", args[1], args[2], args[3]):
+        s.server.send_p2p(s, args[0], args[1], args[3], args[2])
+
+
+def _send_topic_e2e(s: TcpSession, args: list[str]) -> asyncio.Task[Any] | None:
+    # [name, sealed_b64, enc, id]
+    if _check_e2e(s, "SEND_MESSAGE_TOPIC_E2E", args[1], args[2], args[3]):
+        return s.server.send_topic(s, args[0], args[1], args[3], args[2])
+    return None
+
+
+def _get_public_key(s: TcpSession, args: list[str]) -> asyncio.Task[Any]:
+    return s.server.spawn(_public_key(s, args[0]), "public-key")
+
+
+async def _public_key(s: TcpSession, device_id: str) -> None:
+    try:
+        key = await s.server.public_key(device_id)
+    except StoreUnavailable:
+        s.emit_error(errors.UNAVAILABLE, "registry unavailable, retry later", device_id)
+    else:
+        if key is None:
+            s.emit_error(errors.UNKNOWN_DEVICE, f"no device {device_id!r}", device_id)
+        elif not s.v1:
+            append_frame(s.out, "PUBLIC_KEY", [device_id, key])
+    s.mark_dirty()
+
+
 def _logout(s: TcpSession, args: list[str]) -> None:
     if not s.v1:
         append_frame(s.out, "OK", ["LOGOUT", s.device_id])
@@ -370,6 +510,14 @@ def _again(s: TcpSession, args: list[str]) -> None:
     s._bad_input(errors.ALREADY_LOGGED_IN, f"already logged in as {s.device_id!r}")
 
 
+# The commands that send a message (limits.msg_rate), with the index of their id.
+RATED = {
+    "SEND_MESSAGE_P2P": 3,
+    "SEND_MESSAGE_TOPIC": 2,
+    "SEND_MESSAGE_P2P_E2E": 3,
+    "SEND_MESSAGE_TOPIC_E2E": 3,
+}
+
 COMMANDS: dict[str, tuple[int, int, Handler]] = {
     "SEND_PING": (0, 1, _ping),
     "SEND_MESSAGE_P2P": (3, 4, _send_p2p),
@@ -380,4 +528,7 @@ COMMANDS: dict[str, tuple[int, int, Handler]] = {
     "SEND_MESSAGE_TOPIC": (2, 3, _send_topic),
     "LOGOUT": (0, 1, _logout),
     "SEND_CLIENT_ID": (1, 2, _again),
+    "SEND_MESSAGE_P2P_E2E": (4, 4, _send_p2p_e2e),
+    "SEND_MESSAGE_TOPIC_E2E": (4, 4, _send_topic_e2e),
+    "GET_PUBLIC_KEY": (1, 1, _get_public_key),
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from fishchat_iot.cli.output import (
     print_table,
     quoted,
 )
+from fishchat_iot.crypto import generate_keypair
 from fishchat_iot.stores.base import AlreadyExists, DeviceRecord, NotFound, Store, TopicRecord
 
 # The id becomes part of MQTT topics (fc/{id}/...) and of the bundle's file name.
@@ -99,11 +101,23 @@ def cmd_register(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     bundle_path = Path(args.bundle) if args.bundle else default_bundle_path(settings, device_id)
     token = new_token()
+    keys = generate_keypair()  # only the public half is stored; the private one is bundled
     created_ms = now_ms()
     record = DeviceRecord(
-        id=device_id, token_hash=hash_token(token), v1=args.v1, created_ms=created_ms
+        id=device_id,
+        token_hash=hash_token(token),
+        v1=args.v1,
+        created_ms=created_ms,
+        public_key=keys.public_b64,
     )
-    bundle = new_bundle(device_id, token, settings, v1=args.v1, created_ms=created_ms)
+    bundle = new_bundle(
+        device_id,
+        token,
+        settings,
+        v1=args.v1,
+        created_ms=created_ms,
+        extra={"private_key": keys.private_b64, "public_key": keys.public_b64},
+    )
 
     async def work(store: Store) -> Path:
         if await store.get_device(device_id) is not None:
@@ -130,6 +144,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     login = "token or token-less v1 login" if args.v1 else "token login"
     print(f"registered device {quoted(device_id)} ({login})")
     print(f"token:  {token}")
+    print(f"public key: {keys.public_b64}")
     print(f"bundle: {written} (mode 0600)")
     print(
         "warning: the token is shown only now and cannot be shown again "
@@ -216,6 +231,58 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- rotate ---------------------------------------------------------------------------
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    """New token and X25519 key pair; the new bundle replaces the old one (which is
+    useless from the moment the registry holds the new credentials)."""
+    device_id = check_device_id(args.id)
+    settings = settings_from_args(args)
+    bundle_path = Path(args.bundle) if args.bundle else default_bundle_path(settings, device_id)
+    final = Path(os.path.abspath(bundle_path))
+    staging = final.with_name(final.name + ".new")
+    token = new_token()
+    keys = generate_keypair()
+
+    async def work(store: Store) -> Path:
+        device = await get_active_device(store, device_id)
+        bundle = new_bundle(
+            device_id,
+            token,
+            settings,
+            v1=device.v1,
+            created_ms=now_ms(),
+            extra={"private_key": keys.private_b64, "public_key": keys.public_b64},
+        )
+        remove_bundle(staging)
+        written = _write_bundle(staging, bundle, from_option=args.bundle is not None)
+        try:
+            await store.set_credentials(device_id, hash_token(token), keys.public_b64)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                remove_bundle(written)
+            raise
+        os.replace(written, final)
+        return final
+
+    written = run_with_store(settings, work)
+    if args.json:
+        print_json(
+            {"id": device_id, "token": token, "public_key": keys.public_b64, "bundle": str(written)}
+        )
+        return 0
+    print(f"rotated credentials of device {quoted(device_id)}: the old token and keys are void")
+    print(f"token:  {token}")
+    print(f"public key: {keys.public_b64}")
+    print(f"bundle: {written} (mode 0600)")
+    print(
+        "note: live sessions keep running until they reconnect; peers fetch the new public "
+        "key (GET_PUBLIC_KEY) after their next failure to open"
+    )
+    return 0
+
+
 # -- revoke ---------------------------------------------------------------------------
 
 
@@ -289,6 +356,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "an existing file is never replaced",
     )
     p.set_defaults(func=cmd_register)
+
+    p = cmds.add_parser(
+        "rotate",
+        help="replace a device's token and X25519 keys; writes a new bundle",
+        description="Give a device a new 256-bit token and a new X25519 key pair (only the "
+        "token's hash and the public key are stored) and write its new bundle (mode 0600), "
+        "replacing the old one.",
+    )
+    p.add_argument("id", metavar="ID")
+    p.add_argument(
+        "--bundle",
+        metavar="FILE",
+        help="where to write the new bundle (default: DATA_DIR/bundles/ID.json)",
+    )
+    p.set_defaults(func=cmd_rotate)
 
     p = cmds.add_parser("list", help="list the registered devices")
     p.set_defaults(func=cmd_list)

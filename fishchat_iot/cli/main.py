@@ -34,7 +34,19 @@ from fishchat_iot.cli.output import (
     print_error,
 )
 
-COMMAND_MODULES = ("device", "topic", "status", "up", "run", "sim", "send", "mqtt")
+COMMAND_MODULES = (
+    "device",
+    "topic",
+    "status",
+    "up",
+    "run",
+    "sim",
+    "send",
+    "mqtt",
+    "certs",
+    "operator",
+    "bench",
+)
 
 DEBUG_ENV = "FISHCHAT_DEBUG"
 

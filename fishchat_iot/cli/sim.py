@@ -15,6 +15,11 @@ The devices come from ``--bundle`` files; without them ``--devices N`` registers
 ``sim-1`` .. ``sim-N`` in the local registry (bundles written to
 ``DATA_DIR/bundles/sim-K.json``, pass them with ``--bundle`` on later runs: their
 tokens are not stored, so an existing device cannot be registered again).
+
+Fleet mode (``--scenario``, ``--rate``, ``--duration``, or ``--transport serial|mixed``):
+``firmware_sim.fleet`` runs N devices (registered for the run as ``fleet-XXXXXX-K``, no
+bundles) at ``--rate`` messages per second for ``--duration`` seconds, with a progress
+line on stderr and a summary with latency percentiles (docs/cli.md, sim).
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ from fishchat_iot.bundle import (
 )
 from fishchat_iot.cli.context import run_with_store, settings_from_args
 from fishchat_iot.cli.output import EXIT_OK, CliError, cell, now_ms, print_json
-from fishchat_iot.cli.send import connect_devices, device_error, device_for, run_async
+from fishchat_iot.cli.send import bundle_path, connect_devices, device_error, device_for, run_async
 from fishchat_iot.config import Settings
+from fishchat_iot.crypto import generate_keypair
 from fishchat_iot.stores.base import AlreadyExists, DeviceRecord, Store
 
 SIM_PREFIX = "sim-"
@@ -123,11 +129,24 @@ def register_sim_devices(settings: Settings, count: int) -> list[str]:
         try:
             for dev_id, path in zip(ids, paths, strict=True):
                 token = new_token()
+                keys = generate_keypair()  # E2E: the bundle gets the private half
                 created = now_ms()
-                bundle = new_bundle(dev_id, token, settings, v1=False, created_ms=created)
+                bundle = new_bundle(
+                    dev_id,
+                    token,
+                    settings,
+                    v1=False,
+                    created_ms=created,
+                    extra={"private_key": keys.private_b64, "public_key": keys.public_b64},
+                )
                 written.append(str(write_bundle(path, bundle)))
                 await store.add_device(
-                    DeviceRecord(id=dev_id, token_hash=hash_token(token), created_ms=created)
+                    DeviceRecord(
+                        id=dev_id,
+                        token_hash=hash_token(token),
+                        created_ms=created,
+                        public_key=keys.public_b64,
+                    )
                 )
         except (BundleError, AlreadyExists) as exc:
             for p in written:
@@ -212,7 +231,8 @@ async def exchange(
                 else:
                     delivered.add(key)
                     report.delivered += 1
-                    say(f"{cell(me)} <- {cell(msg.sender)}: {cell(msg.text)}")
+                    sealed = f" (opened: {msg.enc})" if msg.enc != "none" else ""
+                    say(f"{cell(me)} <- {cell(msg.sender)}: {cell(msg.text)}{sealed}")
                 dev.ack(msg)
                 progress.set()
         except DeviceError as exc:
@@ -249,12 +269,19 @@ async def _sim(args: argparse.Namespace, settings: Settings, bundles: list[str])
     from firmware_sim.tcp_device import DeviceError
 
     # Acked once recorded: nothing the run receives is swallowed unseen.
+    keys = [_private_key(settings, b) if args.e2e else None for b in bundles]
     if args.transport == "mqtt":
         from fishchat_iot.cli.mqtt import mqtt_device_for
 
-        devices = [mqtt_device_for(settings, b, args.mqtt, auto_ack=False) for b in bundles]
+        devices = [
+            mqtt_device_for(settings, b, args.mqtt, auto_ack=False, private_key=k)
+            for b, k in zip(bundles, keys, strict=True)
+        ]
     else:
-        devices = [device_for(settings, b, args.gateway, auto_ack=False) for b in bundles]
+        devices = [
+            device_for(settings, b, args.gateway, auto_ack=False, private_key=k)
+            for b, k in zip(bundles, keys, strict=True)
+        ]
     ids = [d.device_id for d in devices]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -284,8 +311,136 @@ async def _sim(args: argparse.Namespace, settings: Settings, bundles: list[str])
     return EXIT_OK
 
 
+def _private_key(settings: Settings, bundle_file: str) -> str:
+    """``--e2e``: the device's X25519 private key from its bundle."""
+    from firmware_sim.bundle import BundleError, load_bundle
+
+    try:
+        bundle = load_bundle(bundle_path(settings, bundle_file))
+    except BundleError as exc:
+        raise CliError(str(exc)) from None
+    key = bundle.raw.get("private_key")
+    if not isinstance(key, str) or not key:
+        raise CliError(
+            f"--e2e: the bundle of {bundle.id!r} has no private_key (registered before end-to-end "
+            "encryption): 'fishchat-iot device rotate' gives it one"
+        )
+    return key
+
+
+# -- fleet mode -------------------------------------------------------------------------
+
+
+def _fleet_mode(args: argparse.Namespace) -> bool:
+    return (
+        args.scenario is not None
+        or args.rate is not None
+        or args.duration is not None
+        or args.transport in ("serial", "mixed")
+    )
+
+
+def register_fleet(
+    settings: Settings, ids: list[str], e2e: bool = False
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Register the fleet's devices (no bundles: the tokens live for this run); with
+    ``e2e`` each gets a key pair. Returns (id -> token, id -> private key)."""
+    tokens = {i: new_token() for i in ids}
+    pairs = {i: generate_keypair() for i in ids} if e2e else {}
+
+    async def work(store: Store) -> None:
+        created = now_ms()
+        for dev_id, token in tokens.items():
+            pair = pairs.get(dev_id)
+            await store.add_device(
+                DeviceRecord(
+                    id=dev_id,
+                    token_hash=hash_token(token),
+                    created_ms=created,
+                    public_key=pair.public_b64 if pair else "",
+                )
+            )
+
+    try:
+        run_with_store(settings, work)
+    except AlreadyExists as exc:
+        raise CliError(f"{exc}: pick another --prefix") from None
+    return tokens, {i: p.private_b64 for i, p in pairs.items()}
+
+
+def _cmd_fleet(args: argparse.Namespace, settings: Settings) -> int:
+    import secrets
+
+    from firmware_sim.fleet import (
+        Endpoints,
+        FleetConfig,
+        Progress,
+        check_config,
+        fleet_ids,
+        run_fleet,
+    )
+    from fishchat_iot.cli.send import addresses, check_address, running_server
+
+    if args.bundle:
+        raise CliError("fleet mode registers its own devices: leave out --bundle")
+    if not 2 <= args.devices <= 15000:
+        raise CliError("--devices must be 2 to 15000")
+    cfg = FleetConfig(
+        devices=args.devices,
+        transport=args.transport,
+        scenario=args.scenario or "p2p",
+        rate=100.0 if args.rate is None else args.rate,
+        duration=5.0 if args.duration is None else args.duration,
+        wait=args.timeout,
+        payload=args.payload,
+        e2e=bool(getattr(args, "e2e", False)),
+    )
+    if cfg.rate <= 0 or cfg.duration <= 0:
+        raise CliError("--rate and --duration must be above 0")
+    try:
+        check_config(cfg, cfg.devices)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    gateways, msg_servers = addresses(settings, args.gateway, [], [])
+    mqtt = (
+        check_address(args.mqtt, "--mqtt")
+        if args.mqtt
+        else running_server(settings).get("mqtt", "")
+    )
+    if cfg.transport in ("mqtt", "mixed") and not mqtt:
+        raise CliError("no MQTT broker: start the server with its MQTT edge, or give --mqtt")
+    prefix = args.prefix or f"fleet-{secrets.token_hex(3)}-"
+    tokens, keys = register_fleet(settings, fleet_ids(prefix, cfg.devices), cfg.e2e)
+    progress = Progress(sys.stderr, enabled=not args.no_progress)
+    if not args.json:
+        _say(
+            f"fleet: {cfg.devices} devices ({prefix}1..{cfg.devices}) over {cfg.transport}, "
+            f"scenario {cfg.scenario}, {cfg.rate:g} msgs/s for {cfg.duration:g}s"
+        )
+    try:
+        report = asyncio.run(
+            run_fleet(cfg, Endpoints(gateways, msg_servers, mqtt), tokens, progress, keys)
+        )
+    except Exception as exc:
+        code = getattr(exc, "code", "")
+        raise CliError(f"fleet failed: {code + ': ' if code else ''}{exc}") from None
+    if args.json:
+        print_json(report.as_json())
+    else:
+        _say(report.summary())
+    if report.lost:
+        raise CliError(f"{report.lost} accepted deliveries lost: {', '.join(report.lost_ids[:5])}")
+    if report.refused:
+        raise CliError(f"the server refused {report.refused} message(s): {report.refusals}")
+    return EXIT_OK
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    if _fleet_mode(args):
+        if args.timeout <= 0:
+            raise CliError("--timeout must be above 0 seconds")
+        return _cmd_fleet(args, settings)
     if args.count < 1:
         raise CliError("--count must be 1 or more")
     if args.interval < 0:
@@ -350,6 +505,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--text", default="hello", help="message text; ' N' is appended")
     p.add_argument(
+        "--e2e",
+        action="store_true",
+        help="seal every message end to end with the bundles' private keys (docs/crypto.md): "
+        "the server only carries ciphertext; each delivery line says how it was opened",
+    )
+    p.add_argument(
         "--gateway",
         metavar="HOST:PORT",
         help="gateway to ask for a msg_server (default: the server running on --data-dir, "
@@ -357,9 +518,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--transport",
-        choices=("tcp", "mqtt"),
+        choices=("tcp", "mqtt", "serial", "mixed"),
         default="tcp",
-        help="how the devices connect: FishChat TCP (default) or MQTT (docs/protocol.md)",
+        help="how the devices connect: FishChat TCP (default), MQTT (docs/protocol.md), "
+        "serial (pseudo-terminals through an in-process serial adapter; fleet mode) or "
+        "mixed (a third of each; fleet mode)",
     )
     p.add_argument(
         "--mqtt",
@@ -367,4 +530,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with --transport mqtt: the broker (default: the running server's MQTT listener, "
         "then the bundles' 'mqtt' addresses, then mqtt.port on node.advertise_host)",
     )
+    fleet = p.add_argument_group(
+        "fleet mode",
+        "any of these (or --transport serial|mixed) runs a fleet: devices registered for "
+        "the run, a fixed total rate, a progress line on stderr, latency percentiles",
+    )
+    fleet.add_argument(
+        "--scenario",
+        choices=("p2p", "topic", "offline", "mixed"),
+        help="p2p (default), topic (groups of 5 on a topic each), offline (p2p; every "
+        "4th device goes offline for 30%% of the run), mixed (all of them)",
+    )
+    fleet.add_argument(
+        "--rate", type=float, metavar="R", help="messages per second, whole fleet (default 100)"
+    )
+    fleet.add_argument("--duration", type=float, metavar="S", help="seconds of sending (default 5)")
+    fleet.add_argument(
+        "--payload", type=int, default=64, metavar="BYTES", help="message size (default 64)"
+    )
+    fleet.add_argument(
+        "--prefix", metavar="TEXT", help="device id prefix (default fleet-<random>-)"
+    )
+    fleet.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     p.set_defaults(func=cmd_sim)

@@ -151,6 +151,34 @@ def server_state(path: Path, now: int) -> ServerState:
     return ServerState(RUNNING, f"pid {pid}, updated {format_age(now - updated)} ago", doc, nodes)
 
 
+MONITOR_TIMEOUT = 2.0  # seconds to wait for the monitor's API before using status.json
+
+
+def monitor_status(settings: Settings, doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The running server's live status from its monitor's API (docs/monitor.md), with
+    the local token the monitor leaves in the data directory; None when there is no
+    monitor or it does not answer (then status.json is what we have)."""
+    import urllib.request
+
+    listeners = doc.get("listeners")
+    addr = listeners.get("monitor") if isinstance(listeners, dict) else None
+    if not isinstance(addr, str) or ":" not in addr:
+        return None
+    host, _, port = addr.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::", ""):
+        host = "127.0.0.1"
+    try:
+        token = (settings.data_dir / "monitor.token").read_text().strip()
+        req = urllib.request.Request(
+            f"http://{host}:{port}/api/status", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(req, timeout=MONITOR_TIMEOUT) as res:
+            live = json.loads(res.read())
+    except (OSError, ValueError):
+        return None
+    return live if isinstance(live, dict) else None
+
+
 @dataclass
 class StoreCounts:
     devices: int = 0
@@ -178,6 +206,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     now = now_ms()
     server = server_state(status_path(settings), now)
+    source = "status_file"
+    live = monitor_status(settings, server.doc or {}) if server.running else None
+    if live is not None:
+        raw = live.get("nodes")
+        nodes = [n for n in map(_node, raw) if n] if isinstance(raw, list) else []
+        server = ServerState(server.state, server.detail, live, nodes)
+        source = "monitor"
     counts: StoreCounts | None = None
     store_problem = ""
     try:
@@ -211,6 +246,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "state": server.state,
                 "detail": server.detail,
                 "status_file": str(status_path(settings)),
+                "source": source,  # "monitor" (its API) or "status_file"
                 "pid": _int(doc.get("pid")),
                 "version": _str(doc.get("version")) or None,
                 "started_ms": _int(doc.get("started_ms")),

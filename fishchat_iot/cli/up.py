@@ -40,7 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=MQTT_MODES,
         help="embedded amqtt broker (default), attach to an external broker, or no MQTT",
     )
-    p.add_argument("--monitor-port", type=int, help="monitor port (the monitor is not built yet)")
+    p.add_argument(
+        "--monitor-port",
+        type=int,
+        help="monitor (dashboard, API, /metrics) port (default 30000; 0 = any free)",
+    )
     p.add_argument("--no-v1", action="store_true", help="refuse token-less v1 logins")
     p.add_argument("--keepalive", type=float, help="seconds of silence before a session closes")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -68,6 +72,8 @@ def settings_for_up(args: argparse.Namespace) -> Settings:
         mqtt.port = args.mqtt_port
     if args.mqtt_mode is not None:
         mqtt.mode = args.mqtt_mode
+    if args.monitor_port is not None:
+        settings.monitor.port = args.monitor_port
     if mqtt.mode not in MQTT_MODES:
         raise CliError(
             f"mqtt.mode {mqtt.mode!r} is not one of {', '.join(MQTT_MODES)}: fix the config "
@@ -77,6 +83,7 @@ def settings_for_up(args: argparse.Namespace) -> Settings:
         ("--gateway-port", tcp.gateway_port),
         ("--msg-port", tcp.msg_port),
         ("--mqtt-port", mqtt.port),
+        ("--monitor-port", settings.monitor.port),
     )
     for name, port in ports:
         if not 0 <= port <= 65535:
@@ -110,11 +117,12 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
 async def _serve(settings: Settings, as_json: bool) -> int:
     from device_adapters.tcp.listener import ListenError
     from fishchat_iot.app import EmbeddedApp
+    from fishchat_iot.tls import TlsError
 
     app = EmbeddedApp(settings)
     try:
         await app.start()
-    except (ListenError, ConfigError) as exc:  # ConfigError: a [serial] port
+    except (ListenError, ConfigError, TlsError) as exc:  # ConfigError: a [serial] port
         raise CliError(str(exc)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -122,14 +130,25 @@ async def _serve(settings: Settings, as_json: bool) -> int:
         loop.add_signal_handler(sig, stop.set)
     addrs = app.listeners()
     if as_json:
-        print(json.dumps({**addrs, "data_dir": str(settings.data_dir), "pid": app.status()["pid"]}))
+        monitor = {"monitor": addrs.get("monitor")}  # null when it is off or could not bind
+        print(
+            json.dumps(
+                {**addrs, **monitor, "data_dir": str(settings.data_dir), "pid": app.status()["pid"]}
+            )
+        )
     else:
         print("FishChat IoT is up (embedded: every role in this process)")
         print(f"  gateway     {addrs['gateway']}   devices ask here for their msg_server")
         print(f"  msg_server  {addrs['msg_server']}   FishChat v1 TCP protocol (docs/protocol.md)")
+        if "msg_server_tls" in addrs:
+            print(f"  msg_server  {addrs['msg_server_tls']}   the same over TLS (docs/security.md)")
         if "mqtt" in addrs:
             how = "embedded broker" if settings.mqtt.mode == "embedded" else "external broker"
             print(f"  mqtt        {addrs['mqtt']}   MQTT, {how} (docs/protocol.md)")
+        if "mqtt_tls" in addrs:
+            print(f"  mqtt        {addrs['mqtt_tls']}   MQTT over TLS (docs/security.md)")
+        if "monitor" in addrs:
+            print(f"  monitor     http://{addrs['monitor']}/   dashboard, API, /metrics")
         print(f"  data        {settings.sqlite_path}")
         print("Register a device: fishchat-iot device register NAME   Stop: Ctrl-C")
     sys.stdout.flush()

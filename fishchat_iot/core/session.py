@@ -89,9 +89,10 @@ class Session(abc.ABC):
     # -- helpers ---------------------------------------------------------------
     def push(self, env: Envelope, stored: bool) -> None:
         """Write a delivery and remember it until acked. v1 sessions cannot ack topic
-        messages, so those count as delivered once written."""
+        messages, so those count as delivered once written; sealed (E2E) bodies are
+        not written to v1 sessions at all (docs/protocol.md, E2E)."""
         self.emit_message(env)
-        if not (self.v1 and env.kind == "topic"):
+        if not (self.v1 and (env.kind == "topic" or env.enc != "none")):
             self.inflight[env.id] = (env, stored)
         self.mark_dirty()
 

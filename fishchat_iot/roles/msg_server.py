@@ -18,7 +18,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from fishchat_iot import errors
@@ -29,6 +29,7 @@ from fishchat_iot.core.envelope import KIND_P2P, KIND_TOPIC, Envelope
 from fishchat_iot.core.session import Mode, Session
 from fishchat_iot.ids import IdGenerator, OrderKeys
 from fishchat_iot.roles.manager import Manager, now_ms
+from fishchat_iot.roles.monitor_metrics import Histogram
 from fishchat_iot.roles.router import Router
 from fishchat_iot.stores.base import (
     AlreadyExists,
@@ -72,6 +73,14 @@ class MsgServer:
         self.started_ms = now_ms()
         self.msgs_in = 0
         self.msgs_out = 0
+        # For the monitor (roles/monitor.py): messages stored in offline queues, sends
+        # refused by error code, refused logins, topic messages, delivery latency (ms).
+        self.msgs_queued = 0
+        self.dropped: dict[str, int] = {}
+        self.auth_failures = 0
+        self.topic_msgs: dict[str, int] = {}
+        self.latency = Histogram()
+        self.on_login_refused: list[Callable[[Session, str, str, str], None]] = []
         self.ids = IdGenerator()
         self.okeys = OrderKeys()
         self.window = settings.delivery.inflight_window
@@ -183,15 +192,31 @@ class MsgServer:
                 s.write_out()
 
     # -- sessions ------------------------------------------------------------------
-    async def login(self, s: Session, device_id: str, token: str | None) -> tuple[str, str] | None:
-        """Authenticate and register the session. Returns None, or (error code, text)."""
+    async def login(
+        self, s: Session, device_id: str, token: str | None, cert: bool = False
+    ) -> tuple[str, str] | None:
+        """Authenticate and register the session. Returns None, or (error code, text).
+        ``cert``: the transport verified a client certificate whose CN is ``device_id``
+        (a token session without a token; docs/security.md)."""
+        refused = await self._login(s, device_id, token, cert)
+        if refused is not None:
+            self.auth_failures += 1
+            for callback in self.on_login_refused:
+                callback(s, device_id, *refused)
+        return refused
+
+    async def _login(
+        self, s: Session, device_id: str, token: str | None, cert: bool
+    ) -> tuple[str, str] | None:
         try:
             rec = await self.manager.device(device_id)
         except StoreUnavailable:
             return errors.UNAVAILABLE, "registry unavailable, retry later"
         if rec is None:
             return errors.AUTH_FAILED, f"unknown device {device_id!r} or wrong token"
-        if token is None:
+        if cert:
+            pass
+        elif token is None:
             if not self.settings.tcp.allow_v1 or not rec.v1:
                 return errors.V1_NOT_ALLOWED, f"device {device_id!r} must log in with a token"
         elif not token_matches(token, rec.token_hash):
@@ -204,7 +229,7 @@ class MsgServer:
             old.drop(errors.SESSION_REPLACED, "this device logged in on another connection")
             self.session_closed(old)
         s.device_id = device_id
-        s.v1 = token is None
+        s.v1 = token is None and not cert
         s.node = self
         s.mode = Mode.BACKLOG  # fed from its durable queue until that is empty
         s.last_seen = time.monotonic()
@@ -258,6 +283,7 @@ class MsgServer:
             return None
         r.push(env, False)
         self.msgs_out += 1
+        self.latency.observe(now_ms() - env.ts)
         return Offer.LIVE
 
     def _check_id(self, s: Session, msg_id: str) -> str | None:
@@ -268,11 +294,19 @@ class MsgServer:
             return None
         return msg_id
 
-    def send_p2p(self, s: Session, to: str, body: str, msg_id: str = "") -> None:
+    def send_p2p(self, s: Session, to: str, body: str, msg_id: str = "", enc: str = "none") -> None:
         mid = self._check_id(s, msg_id)
         if mid is None:
             return
         env = Envelope(mid, s.device_id, to, body, now_ms(), self.okeys.next(), KIND_P2P)
+        if enc != "none":
+            env.enc = enc
+            r = self.sessions.get(to)
+            if r is not None and r.v1:
+                # A v1 session is never sent a sealed body (it could not open it).
+                s.emit_error(errors.E2E_UNSUPPORTED, f"{to!r} is on a v1 session", mid)
+                s.mark_dirty()
+                return
         offer = self._offer(env)
         if offer is Offer.LIVE or offer is Offer.DUPLICATE:
             if offer is Offer.LIVE:
@@ -285,7 +319,7 @@ class MsgServer:
             self._hand_off([env], s, accepted=False, check_recipient=True)
 
     def send_topic(
-        self, s: Session, name: str, body: str, msg_id: str = ""
+        self, s: Session, name: str, body: str, msg_id: str = "", enc: str = "none"
     ) -> asyncio.Task[None] | None:
         """Returns the task when the topic must be looked up first: the adapter holds
         the session's next commands until it is done (per-pair order)."""
@@ -295,11 +329,13 @@ class MsgServer:
         topic = self.manager.cached_topic(name)
         if topic is False:  # not cached: look it up first
             self._begin_receipt(s)
-            return self.spawn(self._send_topic_uncached(s, name, body, mid), "send-topic")
-        self._send_topic_to(s, name, body, mid, topic)
+            return self.spawn(self._send_topic_uncached(s, name, body, mid, enc), "send-topic")
+        self._send_topic_to(s, name, body, mid, topic, enc)
         return None
 
-    async def _send_topic_uncached(self, s: Session, name: str, body: str, mid: str) -> None:
+    async def _send_topic_uncached(
+        self, s: Session, name: str, body: str, mid: str, enc: str = "none"
+    ) -> None:
         try:
             topic = await self.manager.topic(name)
         except StoreUnavailable:
@@ -308,10 +344,16 @@ class MsgServer:
             return
         finally:
             self._end_receipt(s)
-        self._send_topic_to(s, name, body, mid, topic)
+        self._send_topic_to(s, name, body, mid, topic, enc)
 
     def _send_topic_to(
-        self, s: Session, name: str, body: str, mid: str, topic: TopicRecord | None
+        self,
+        s: Session,
+        name: str,
+        body: str,
+        mid: str,
+        topic: TopicRecord | None,
+        enc: str = "none",
     ) -> None:
         if topic is None:
             s.emit_error(errors.UNKNOWN_TOPIC, f"no topic {name!r}", mid)
@@ -327,13 +369,16 @@ class MsgServer:
         for member in topic.members:
             if member == s.device_id:
                 continue
-            env = Envelope(mid, s.device_id, member, body, ts, self.okeys.next(), KIND_TOPIC, name)
+            env = Envelope(
+                mid, s.device_id, member, body, ts, self.okeys.next(), KIND_TOPIC, name, enc
+            )
             offer = self._offer(env)
             if offer is None:
                 slow.append(env)
             elif offer is Offer.CONFLICT:
                 conflict = member
         self.msgs_in += 1
+        self.topic_msgs[name] = self.topic_msgs.get(name, 0) + 1
         if conflict:
             self._refuse_duplicate(s, mid, conflict)
         elif slow:
@@ -431,6 +476,10 @@ class MsgServer:
                 self._settle(env.to)
             if sender is not None:
                 self._end_receipt(sender)
+        if code:
+            self.dropped[code] = self.dropped.get(code, 0) + 1
+        else:
+            self.msgs_queued += len(envs)
         if sender is not None:
             if code:
                 sender.emit_error(code, text, envs[0].id)
@@ -532,12 +581,15 @@ class MsgServer:
                         continue
                     s.push(env, True)
                     self.msgs_out += 1
-                    if s.v1 and env.kind == KIND_TOPIC:
+                    self.latency.observe(now_ms() - env.ts)
+                    if s.v1 and (env.kind == KIND_TOPIC or env.enc != "none"):
                         written.append(env.id)
                 if written:
                     # v1 cannot ack topic messages (RESP_MESSAGE_TOPIC has no id): they
                     # count as delivered once written, so their queued copies go now,
-                    # or they would come again at every login.
+                    # or they would come again at every login. Sealed (E2E) bodies are
+                    # never written to a v1 session (TcpSession.emit_message drops them)
+                    # and go the same way.
                     self.spawn(self._ack_stored(device, written), "ack")
                 if not batch and not self._pending.get(device):
                     if self._arrivals.get(device, 0) == arrivals:
@@ -547,6 +599,15 @@ class MsgServer:
         finally:
             if s.drain_task is asyncio.current_task():
                 s.drain_task = None
+
+    # -- end-to-end keys ---------------------------------------------------------------
+    async def public_key(self, device_id: str) -> str | None:
+        """The registered X25519 public key (base64) of a device, "" when it has none;
+        None when it is not registered or revoked. StoreUnavailable propagates."""
+        rec = await self.manager.device(device_id)
+        if rec is None or rec.revoked:
+            return None
+        return rec.public_key
 
     # -- topics ----------------------------------------------------------------------
     async def create_topic(self, s: Session, name: str) -> None:

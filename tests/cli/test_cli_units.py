@@ -51,6 +51,7 @@ def test_bundle_round_trip_is_private_whatever_the_umask(tmp_path: Path) -> None
         "token": "tok",
         "gateway": ["127.0.0.1:17000"],
         "msg_server": ["127.0.0.1:19000"],
+        "mqtt": ["127.0.0.1:1883"],
         "v1": True,
         "created_ms": 5,
         "private_key": "k",

@@ -107,6 +107,7 @@ class ServerProcess:
         self.ready: dict[str, Any] = {}
         self.gateway = ""
         self.msg_server = ""
+        self.monitor = ""  # host:port of the monitor (dashboard, API, /metrics); "" = off
         self.starts = 0
         self._stdout_thread: threading.Thread | None = None
 
@@ -162,6 +163,8 @@ class ServerProcess:
             str(msg_port),
             "--mqtt-port",
             "0",
+            "--monitor-port",
+            "0",
             "--json",
             *self.up_args,
         ]
@@ -191,6 +194,7 @@ class ServerProcess:
                 raise ServerError(f"unexpected ready line: {exc}\n{self.log_tail()}") from None
             raise
         self.ready, self.gateway, self.msg_server = ready, gateway, msg_server
+        self.monitor = ready.get("monitor") or ""
         self.proc = proc
         # Keep reading stdout so the server never blocks on a full pipe.
         self._stdout_thread = threading.Thread(target=_drain, args=(proc,), daemon=True)
