@@ -85,7 +85,8 @@ class MsgServer:
         self.okeys = OrderKeys()
         self.window = settings.delivery.inflight_window
         # Per recipient: store hand-offs under way, and a counter of all ever started.
-        self._pending: dict[str, int] = {}
+        # Per recipient: order key -> how many hand-offs with that key are under way.
+        self._pending: dict[str, dict[int, int]] = {}
         self._arrivals: dict[str, int] = {}
         self._settled: dict[str, asyncio.Event] = {}
         self._dirty: list[Session] = []
@@ -416,7 +417,8 @@ class MsgServer:
         recipient *now*, before any await, so a recipient logging in meanwhile waits
         for it before going live (that is what keeps per-pair order)."""
         for env in envs:
-            self._pending[env.to] = self._pending.get(env.to, 0) + 1
+            keys = self._pending.setdefault(env.to, {})
+            keys[env.okey] = keys.get(env.okey, 0) + 1
             self._arrivals[env.to] = self._arrivals.get(env.to, 0) + 1
         if sender is not None:
             self._begin_receipt(sender)
@@ -473,7 +475,7 @@ class MsgServer:
             code, text = errors.UNAVAILABLE, f"store unavailable ({exc}): retry later"
         finally:
             for env in envs:
-                self._settle(env.to)
+                self._settle(env.to, env.okey)
             if sender is not None:
                 self._end_receipt(sender)
         if code:
@@ -503,17 +505,22 @@ class MsgServer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def _settle(self, device_id: str) -> None:
-        n = self._pending[device_id] - 1
+    def _settle(self, device_id: str, okey: int) -> None:
+        keys = self._pending[device_id]
+        n = keys[okey] - 1
         if n:
-            self._pending[device_id] = n
-            return
-        del self._pending[device_id]
+            keys[okey] = n
+        else:
+            del keys[okey]
+        # Wake the feed of this recipient at every settled hand-off, not only the last:
+        # under a steady stream there may never be a moment with none under way.
         ev = self._settled.pop(device_id, None)
         if ev is not None:
             ev.set()
-        s = self.sessions.get(device_id)
-        if s is None:
+        if keys:
+            return
+        del self._pending[device_id]
+        if self.sessions.get(device_id) is None:
             self._arrivals.pop(device_id, None)
 
     async def deliver_from_bus(self, envs: Sequence[Envelope]) -> None:
@@ -558,22 +565,24 @@ class MsgServer:
         store = self.manager.store
         try:
             while s.mode is Mode.BACKLOG:
-                if self._pending.get(device):
-                    ev = self._settled.setdefault(device, asyncio.Event())
-                    await ev.wait()
-                    continue
                 room = self.window - len(s.inflight)
                 if room <= 0 or not s.can_write():
                     return  # resumed by ack() or writable_again()
+                # Every hand-off with an order key below the lowest one still under way
+                # has reached the store before this read starts, so the queue below that
+                # mark has no gaps: feed from it even while the sender keeps streaming.
+                under_way = self._pending.get(device)
+                mark = min(under_way) if under_way else None
                 arrivals = self._arrivals.get(device, 0)
                 try:
-                    batch = await store.pending(device, s.cursor, min(room, DRAIN_BATCH))
+                    fetched = await store.pending(device, s.cursor, min(room, DRAIN_BATCH))
                 except StoreUnavailable as exc:
                     log.warning("cannot read the queue of %s: %s; retrying", device, exc)
                     await asyncio.sleep(0.5)
                     continue
                 if s.mode is not Mode.BACKLOG:
                     return
+                batch = fetched if mark is None else [e for e in fetched if e.okey < mark]
                 written: list[str] = []
                 for env in batch:
                     s.cursor = env.okey
@@ -591,11 +600,18 @@ class MsgServer:
                     # never written to a v1 session (TcpSession.emit_message drops them)
                     # and go the same way.
                     self.spawn(self._ack_stored(device, written), "ack")
-                if not batch and not self._pending.get(device):
-                    if self._arrivals.get(device, 0) == arrivals:
-                        s.mode = Mode.LIVE
-                        self._arrivals.pop(device, None)
-                        return
+                if batch:
+                    continue
+                if self._pending.get(device):
+                    if mark is not None and mark in self._pending[device]:
+                        # Nothing usable until the lowest hand-off settles.
+                        ev = self._settled.setdefault(device, asyncio.Event())
+                        await ev.wait()
+                    continue
+                if not fetched and self._arrivals.get(device, 0) == arrivals:
+                    s.mode = Mode.LIVE
+                    self._arrivals.pop(device, None)
+                    return
         finally:
             if s.drain_task is asyncio.current_task():
                 s.drain_task = None
