@@ -1,8 +1,7 @@
 """A plain amqtt 0.12 broker (anonymous, none of the gateway's plugins or workarounds)
-for ``fishchat-iot bench``: ``python -m firmware_sim.bench.plain_amqtt PORT`` prints
-``ready`` once it listens and stops on SIGTERM or SIGINT (a copy of
-``tests/mqtt/plain_amqtt.py``, which the MQTT control tests use). Runs on uvloop when
-it is installed, as ``fishchat-iot up`` does."""
+for ``fishchat-iot bench`` and the MQTT control tests: ``python -m
+firmware_sim.bench.plain_amqtt PORT`` prints ``ready`` once it listens and stops on
+SIGTERM or SIGINT. Runs on uvloop when it is installed, as ``fishchat-iot up`` does."""
 
 from __future__ import annotations
 

@@ -29,7 +29,6 @@ import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-HERE = Path(__file__).resolve().parent
 CLI = [str(Path(sys.executable).with_name("fishchat-iot"))]
 BODY = "x" * 64
 
@@ -68,7 +67,7 @@ def cpu_seconds(pid: int) -> float:
 def run_plain(n: int) -> dict[str, float]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "plain_amqtt.py"), str(port)], stdout=subprocess.PIPE
+        [sys.executable, "-m", "firmware_sim.bench.plain_amqtt", str(port)], stdout=subprocess.PIPE
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"

@@ -1,7 +1,7 @@
 """Fixtures of the MQTT suite: real processes only — ``fishchat-iot up`` (the shared
 ``up_server`` / ``up_server_factory`` of tests/conftest.py, which pass ``--mqtt-port 0``),
 a real ``mosquitto`` on a free loopback port, a plain amqtt broker for the control tests
-(``plain_amqtt.py``), and Debian's ``mosquitto_pub`` / ``mosquitto_sub``.
+(``firmware_sim/bench/plain_amqtt.py``), and Debian's ``mosquitto_pub`` / ``mosquitto_sub``.
 
 - ``fleet``: devices (``fleet.mqtt(...)``, ``fleet.tcp(...)``), all closed at teardown.
 - ``mosquitto_factory``: ``make(passwd, acl)`` -> a started ``Mosquitto``.
@@ -28,8 +28,6 @@ from support.server import ServerProcess
 
 from firmware_sim.mqtt_device import MqttDevice
 from firmware_sim.tcp_device import Message, TcpDevice
-
-HERE = Path(__file__).resolve().parent
 
 
 def program(name: str) -> str:
@@ -191,7 +189,7 @@ def plain_amqtt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("amqtt") / "amqtt.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(
-            [sys.executable, str(HERE / "plain_amqtt.py"), str(port)], stdout=f, stderr=f
+            [sys.executable, "-m", "firmware_sim.bench.plain_amqtt", str(port)], stdout=f, stderr=f
         )
     try:
         wait_port(port, proc, "plain amqtt", log)
