@@ -25,20 +25,37 @@ class FrameError(Exception):
         self.fatal = fatal
 
 
+# Each command's bytes up to its Args, encoded once: a frame is then this prefix, the
+# args list and "}" — the same bytes orjson gives for the whole object, without building
+# a dict per frame.
+_PREFIXES: dict[str, bytes] = {}
+
+
+def _prefix(cmd: str) -> bytes:
+    prefix = _PREFIXES.get(cmd)
+    if prefix is None:
+        prefix = b'{"CmdName":' + orjson.dumps(cmd) + b',"Args":'
+        if len(_PREFIXES) < 256:  # commands the server sends: a handful
+            _PREFIXES[cmd] = prefix
+    return prefix
+
+
 def encode_frame(cmd: str, args: list[str]) -> bytes:
-    body = orjson.dumps({"CmdName": cmd, "Args": args}) + b"\n"
+    body = _prefix(cmd) + orjson.dumps(args) + b"}\n"
     return len(body).to_bytes(4, "big") + body
 
 
 def append_frame(out: bytearray, cmd: str, args: list[str]) -> None:
     """Append one frame to an output buffer (the hot path builds writes this way)."""
-    body = orjson.dumps({"CmdName": cmd, "Args": args})
-    out += (len(body) + 1).to_bytes(4, "big")
-    out += body
-    out += b"\n"
+    prefix = _prefix(cmd)
+    argv = orjson.dumps(args)
+    out += (len(prefix) + len(argv) + 2).to_bytes(4, "big")
+    out += prefix
+    out += argv
+    out += b"}\n"
 
 
-def parse_body(body: bytes) -> tuple[str, list[str]]:
+def parse_body(body: bytes | memoryview) -> tuple[str, list[str]]:
     """Decode one frame body; raises FrameError(BAD_FRAME) with a reason."""
     try:
         obj = orjson.loads(body)
@@ -85,27 +102,38 @@ class FrameDecoder:
         pos = 0
         end = len(buf)
         max_frame = self.max_frame
-        while end - pos >= HEADER:
-            n = int.from_bytes(buf[pos : pos + HEADER], "big")
-            if n == 0 or n > max_frame:
-                del buf[:]
-                err = FrameError(
-                    errors.FRAME_TOO_LARGE if n else errors.BAD_FRAME,
-                    f"frame length {n} is above the limit of {max_frame} bytes"
-                    if n
-                    else "frame length 0",
-                    fatal=True,
-                )
-                out.append(err)
-                return out
-            start = pos + HEADER
-            if end - start < n:
-                break
-            try:
-                out.append(parse_body(bytes(buf[start : start + n])))
-            except FrameError as exc:
-                out.append(exc)
-            pos = start + n
-        if pos:
+        fatal: FrameError | None = None
+        # Frames are parsed in place through a view (no copy per frame); the view is
+        # released before the buffer is resized.
+        view = memoryview(buf)
+        try:
+            while end - pos >= HEADER:
+                n = int.from_bytes(view[pos : pos + HEADER], "big")
+                if n == 0 or n > max_frame:
+                    fatal = FrameError(
+                        errors.FRAME_TOO_LARGE if n else errors.BAD_FRAME,
+                        f"frame length {n} is above the limit of {max_frame} bytes"
+                        if n
+                        else "frame length 0",
+                        fatal=True,
+                    )
+                    break
+                start = pos + HEADER
+                if end - start < n:
+                    break
+                body = view[start : start + n]
+                try:
+                    out.append(parse_body(body))
+                except FrameError as exc:
+                    out.append(exc)  # its traceback may still refer to ``body``
+                finally:
+                    body.release()
+                pos = start + n
+        finally:
+            view.release()
+        if fatal is not None:
+            del buf[:]
+            out.append(fatal)
+        elif pos:
             del buf[:pos]
         return out
