@@ -11,6 +11,7 @@ import abc
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 from fishchat_iot.core.envelope import Envelope
 
@@ -70,6 +71,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Finish queued writes and release the connection."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     def on_registry_change(self, callback: Callable[[], None]) -> None:  # noqa: B027
         """Ask to be called (on the event loop) when devices, topics or members may

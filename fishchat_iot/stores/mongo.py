@@ -64,7 +64,6 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from types import TracebackType
 from typing import Any
 
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
@@ -187,18 +186,6 @@ class MongoStore(Store):
             client, self._client, self._db = self._client, None, None
             if client is not None:
                 await client.close()
-
-    async def __aenter__(self) -> MongoStore:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def _create_indexes(self, db: AsyncDatabase[Doc]) -> None:
         await db.offline.create_index(

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 from fishchat_iot.core.envelope import Envelope
@@ -277,18 +276,6 @@ class SqliteStore(Store):
         if self._thread is thread:
             self._thread = None
             self._stopped = None
-
-    async def __aenter__(self) -> SqliteStore:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def on_registry_change(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` on the event loop whenever another connection (the CLI,

@@ -8,10 +8,11 @@ import os
 from typing import Any
 
 from support.server import ServerProcess
+from support.waiting import eventually
 
 from firmware_sim.mqtt_device import MqttDevice
 
-from .test_e2e_server import device, eventually, register, scan
+from .test_e2e_server import device, register, scan
 
 
 async def test_mqtt_and_tcp_devices_exchange_sealed_messages(

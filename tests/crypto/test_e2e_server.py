@@ -10,14 +10,13 @@ import base64
 import json
 import os
 import stat
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.raw_client import RawClient
 from support.server import ServerProcess
+from support.waiting import eventually, nothing_more
 
 from firmware_sim.tcp_device import Message, TcpDevice
 from fishchat_iot import errors
@@ -48,20 +47,6 @@ def device(server: ServerProcess, bundle: dict[str, Any], **kw: Any) -> TcpDevic
     return TcpDevice.from_bundle(
         bundle, gateway=server.gateway, msg_server=server.msg_server, e2e=True, **kw
     )
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
-        await asyncio.sleep(0.02)
-
-
-async def nothing_more(dev: TcpDevice, wait: float = 0.5) -> None:
-    with pytest.raises(TimeoutError):
-        msg = await dev.receive(timeout=wait)
-        raise AssertionError(f"unexpected {msg}")
 
 
 def scan(server: ServerProcess, marker: bytes) -> list[str]:

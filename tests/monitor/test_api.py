@@ -7,8 +7,8 @@ import asyncio
 import json
 import re
 import stat
-import time
-from collections.abc import Callable
+
+from support.waiting import eventually
 
 from firmware_sim.tcp_device import TcpDevice
 
@@ -19,14 +19,6 @@ def metric(text: str, name: str, labels: str = "") -> float:
     m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
     assert m, f"no {name}{labels} in /metrics:\n{text}"
     return float(m.group(1))
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
-        await asyncio.sleep(0.1)
 
 
 async def test_counts_match_the_simulator(monitored: Monitored) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.waiting import eventually
 
 from firmware_sim.tcp_device import TcpDevice
 from fishchat_iot.auth import hash_token
@@ -23,7 +24,6 @@ from fishchat_iot.stores.base import DeviceRecord
 from fishchat_iot.stores.sqlite import SqliteStore
 
 from .conftest import Monitored, add_operator
-from .test_api import eventually
 
 playwright_api = pytest.importorskip("playwright.async_api")
 

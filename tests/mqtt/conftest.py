@@ -27,7 +27,7 @@ import pytest
 from support.server import ServerProcess
 
 from firmware_sim.mqtt_device import MqttDevice
-from firmware_sim.tcp_device import Message, TcpDevice
+from firmware_sim.tcp_device import TcpDevice
 
 
 def program(name: str) -> str:
@@ -59,28 +59,6 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) ->
 def mqtt_address(server: ServerProcess) -> str:
     addr: str = server.ready["mqtt"]
     return addr
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
-        await asyncio.sleep(0.02)
-
-
-async def receive_n(dev: Any, n: int, timeout: float = 20.0) -> list[Message]:
-    got: list[Message] = []
-    async with asyncio.timeout(timeout):
-        while len(got) < n:
-            got.append(await dev.receive())
-    return got
-
-
-async def nothing_more(dev: Any, wait: float = 0.5) -> None:
-    with pytest.raises(TimeoutError):
-        msg = await dev.receive(timeout=wait)
-        raise AssertionError(f"unexpected message {msg}")
 
 
 class Fleet:

@@ -8,10 +8,11 @@ import asyncio
 import json
 
 from support.server import ServerProcess
+from support.waiting import nothing_more
 
 from fishchat_iot import errors
 
-from .conftest import Fleet, mqtt_address, nothing_more, program
+from .conftest import Fleet, mqtt_address, program
 
 
 async def client(name: str, *args: str, timeout: float = 15) -> tuple[int, str, str]:

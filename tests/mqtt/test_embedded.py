@@ -16,10 +16,11 @@ from pathlib import Path
 import orjson
 import pytest
 from support.server import CLI, ServerProcess, cli_env
+from support.waiting import eventually, nothing_more, receive_n
 
 from fishchat_iot import errors
 
-from .conftest import Fleet, eventually, mqtt_address, nothing_more, receive_n
+from .conftest import Fleet, mqtt_address
 from .raw import (
     DISCONNECT_PACKET,
     PINGREQ_PACKET,

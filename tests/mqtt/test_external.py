@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 from support.server import ServerProcess
+from support.waiting import eventually, nothing_more, receive_n
 
 from device_adapters.mqtt.mosquitto import check_password, hash_password
 
-from .conftest import Fleet, Mosquitto, eventually, nothing_more, program, receive_n
+from .conftest import Fleet, Mosquitto, program
 from .test_auth_acl import client
 
 GW_PASSWORD = "gateway-secret"

@@ -9,37 +9,16 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+from support.waiting import eventually, receive_n
+from support.waiting import nothing_more as assert_nothing_more
 
 from firmware_sim.tcp_device import CLOSED, LOGIN_REFUSED, NOT_SUPPORTED, DeviceError, Message
 from fishchat_iot import errors
 
 from .conftest import SdkServer, SdkServerFactory
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
-        await asyncio.sleep(0.02)
-
-
-async def receive_n(dev: Any, n: int, timeout: float = 15.0) -> list[Message]:
-    got: list[Message] = []
-    async with asyncio.timeout(timeout):
-        while len(got) < n:
-            got.append(await dev.receive())
-    return got
-
-
-async def assert_nothing_more(dev: Any, wait: float = 0.5) -> None:
-    with pytest.raises(TimeoutError):
-        msg = await dev.receive(timeout=wait)
-        raise AssertionError(f"unexpected message {msg}")
 
 
 def sdk_tasks() -> list[asyncio.Task[Any]]:
