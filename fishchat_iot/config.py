@@ -45,12 +45,30 @@ class DeliverySettings:
     offline_max_age: float = 7 * 86400.0  # seconds a queued message is kept
     inflight_window: int = 1000  # unacked messages per session before it is fed from the store
     max_pending_receipts: int = 2000  # per session; reading pauses above it
+    receipt: str = "written"  # ACCEPTED once "written" to a live session, or once "acked" by it
+    ack_wait: float = 2.0  # "acked": seconds a live delivery waits for its ack before it is stored
 
 
 @dataclass
 class StoreSettings:
+    backend: str = "sqlite"  # "sqlite" (embedded) or "mongodb" (distributed)
     path: str = ""  # SQLite file; "" = {data_dir}/fishchat.db
     queue_max: int = 100000  # operations waiting for the store thread; beyond it UNAVAILABLE
+    mongo_url: str = "mongodb://127.0.0.1:27017"  # backend "mongodb": the server or replica set
+    mongo_database: str = "fishchat"  # backend "mongodb": the database
+    timeout: float = 10.0  # backend "mongodb": seconds an operation may take
+    server_key: str = ""  # key sealing bodies at rest; "" = {data_dir}/server.key
+
+
+@dataclass
+class BusSettings:
+    backend: str = "local"  # "local" (every role in one process) or "redis" (distributed)
+    url: str = "redis://127.0.0.1:6379/0"  # backend "redis"
+    prefix: str = "fc"  # backend "redis": key prefix
+    node_ttl: float = 10.0  # seconds a node counts as alive after its last heartbeat
+    presence_ttl: float = 30.0  # seconds a dead node's devices still look present
+    claim_idle: float = 30.0  # seconds an unacked inbox entry waits before it is taken over
+    timeout: float = 5.0  # seconds a Redis call may take
 
 
 @dataclass
@@ -170,6 +188,7 @@ class Settings:
     tcp: TcpSettings = field(default_factory=TcpSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    bus: BusSettings = field(default_factory=BusSettings)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     serial: SerialSettings = field(default_factory=SerialSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
@@ -183,6 +202,24 @@ class Settings:
     @property
     def sqlite_path(self) -> Path:
         return Path(self.store.path) if self.store.path else self.data_dir / "fishchat.db"
+
+    @property
+    def server_key_path(self) -> Path:
+        key = self.store.server_key
+        return Path(key) if key else self.data_dir / "server.key"
+
+    def check(self) -> None:
+        """Raise ConfigError for values no role can start with."""
+        choices = {
+            "store.backend": (self.store.backend, ("sqlite", "mongodb")),
+            "bus.backend": (self.bus.backend, ("local", "redis")),
+            "delivery.receipt": (self.delivery.receipt, ("written", "acked")),
+        }
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(
+                    f"{name}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}"
+                )
 
 
 def _coerce(value: Any, target: type, where: str) -> Any:

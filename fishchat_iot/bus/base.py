@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from fishchat_iot.core.envelope import Envelope
 
 InboxHandler = Callable[[Sequence[Envelope]], Awaitable[None]]
+EventCallback = Callable[[dict[str, Any]], None]
+
+
+class BusUnavailable(Exception):
+    """The bus (Redis) cannot be reached or refused the operation: nothing was handed
+    off. Callers treat it like a store outage: the sender gets an error and retries."""
 
 
 @dataclass(slots=True)
@@ -23,6 +30,7 @@ class NodeInfo:
     sessions: int = 0
     msgs_in: int = 0  # messages accepted from devices on this node, since start
     msgs_out: int = 0  # messages written to devices on this node, since start
+    stats: dict[str, Any] = field(default_factory=dict)  # role-specific figures (monitor)
 
 
 class Bus(abc.ABC):
@@ -65,3 +73,32 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     async def send_to_node(self, node_id: str, envelopes: Sequence[Envelope]) -> None:
         """Hand envelopes to another node's inbox; returns once the hand-off is durable."""
+
+    async def dead_nodes(self, role: str | None = None) -> list[str]:
+        """Registered nodes whose heartbeat stopped: their inboxes may hold entries for
+        ``claim_inbox``. The embedded bus has none."""
+        return []
+
+    async def claim_inbox(self, node_id: str, handler: InboxHandler, consumer: str = "") -> int:
+        """Hand what is left in a dead node's inbox to ``handler``; how many envelopes."""
+        return 0
+
+    # -- role inboxes: one inbox shared by every process of a role (the routers) ----
+    async def send_to_role(self, role: str, envelopes: Sequence[Envelope]) -> None:
+        """Hand envelopes to the shared inbox of a role; durable once it returns.
+        LookupError when this bus has no such inbox (the embedded bus)."""
+        raise LookupError(f"no {role} inbox on this bus")
+
+    async def attach_role_inbox(self, role: str, consumer: str, handler: InboxHandler) -> None:
+        """Read the shared inbox of ``role`` as ``consumer`` (one of its processes)."""
+        raise NotImplementedError("role inboxes need the distributed bus")
+
+    # -- registry-change and operator events ------------------------------------------
+    @abc.abstractmethod
+    async def publish_event(self, event: dict[str, Any]) -> None:
+        """Tell every process (this one included) about e.g. ``{"kind": "revoke",
+        "device": "d1"}`` or ``{"kind": "kick", "device": "d1"}``. Fire and forget."""
+
+    @abc.abstractmethod
+    def on_event(self, callback: EventCallback) -> None:
+        """Call ``callback`` on the event loop with every event published."""

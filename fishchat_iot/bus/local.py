@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from fishchat_iot.bus.base import Bus, InboxHandler, NodeInfo
+from fishchat_iot.bus.base import Bus, EventCallback, InboxHandler, NodeInfo
 from fishchat_iot.core.envelope import Envelope
 
 
@@ -16,6 +17,7 @@ class LocalBus(Bus):
         self._presence: dict[str, str] = {}
         self._inboxes: dict[str, InboxHandler] = {}
         self._node_ttl_ms = int(node_ttl * 1000)
+        self._event_callbacks: list[EventCallback] = []
 
     async def open(self) -> None:
         return None
@@ -52,3 +54,10 @@ class LocalBus(Bus):
         if handler is None:
             raise LookupError(f"node {node_id} has no inbox")
         await handler(envelopes)
+
+    async def publish_event(self, event: dict[str, Any]) -> None:
+        for callback in list(self._event_callbacks):
+            callback(event)
+
+    def on_event(self, callback: EventCallback) -> None:
+        self._event_callbacks.append(callback)

@@ -62,7 +62,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from fishchat_iot.bus.base import Bus, InboxHandler, NodeInfo
+from fishchat_iot.bus.base import Bus, BusUnavailable, InboxHandler, NodeInfo
 from fishchat_iot.core.envelope import Envelope
 
 __all__ = ["BusUnavailable", "RedisBus"]
@@ -73,6 +73,7 @@ T = TypeVar("T")
 
 GROUP = "fc"
 _FIELD = b"b"  # stream entry field holding the batch (format: list of envelope arrays)
+_DELIVERING = 32  # batches of one inbox being handled at once
 
 # Clear/refresh presence only while it still names this node.
 _CLEAR_PRESENCE = """
@@ -113,11 +114,6 @@ _OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     RedisTimeoutError,
     OSError,
 )
-
-
-class BusUnavailable(Exception):
-    """Redis cannot be reached (or refused the operation): nothing was handed off. The
-    caller treats it like a store outage: the sender gets an error and retries."""
 
 
 def _now_ms() -> int:
@@ -239,6 +235,9 @@ class RedisBus(Bus):
 
     def _inbox_key(self, node_id: str) -> str:
         return f"{self._prefix}:{{node:{node_id}}}:inbox"
+
+    def _role_inbox_key(self, role: str) -> str:
+        return f"{self._prefix}:{{role:{role}}}:inbox"
 
     def _presence_key(self, device_id: str) -> str:
         return f"{self._prefix}:{{dev:{device_id}}}:at"
@@ -419,15 +418,31 @@ class RedisBus(Bus):
         """Start reading ``node_id``'s inbox: first its own pending entries (left by a
         previous run of this node), then new ones; entries are acked once ``handler``
         returns. Raises BusUnavailable when Redis cannot be reached now."""
-        stream = self._inbox_key(node_id)
+        await self._attach(self._inbox_key(node_id), node_id, f"inbox of {node_id}", handler)
+
+    async def attach_role_inbox(self, role: str, consumer: str, handler: InboxHandler) -> None:
+        """Read the inbox every process of ``role`` shares (the consumer group spreads
+        its entries over them; one that dies has its pending entries taken over by the
+        others after ``claim_idle``)."""
+        await self._attach(self._role_inbox_key(role), consumer, f"{role} inbox", handler)
+
+    async def send_to_role(self, role: str, envelopes: Sequence[Envelope]) -> None:
+        """XADD the batch to the role's shared inbox (durable once this returns)."""
+        if envelopes:
+            await self._call(
+                "send_to_role",
+                self._r().xadd(self._role_inbox_key(role), {_FIELD: _encode(envelopes)}),
+            )
+
+    async def _attach(self, stream: str, consumer: str, label: str, handler: InboxHandler) -> None:
         await self._ensure_group(stream)
-        old = self._inboxes.pop(node_id, None)
+        old = self._inboxes.pop(stream, None)
         if old is not None:
             await _cancel([old])
         task = asyncio.get_running_loop().create_task(
-            self._inbox_loop(node_id, handler), name=f"redis-inbox:{node_id}"
+            self._inbox_loop(stream, consumer, label, handler), name=f"redis-{label}"
         )
-        self._inboxes[node_id] = task
+        self._inboxes[stream] = task
 
     async def send_to_node(self, node_id: str, envelopes: Sequence[Envelope]) -> None:
         """XADD the batch to the node's inbox, atomically with checking that the node is
@@ -493,43 +508,78 @@ class RedisBus(Bus):
         except (RedisError, OSError) as exc:
             raise BusUnavailable(f"Redis bus (inbox group): {exc}") from exc
 
-    async def _inbox_loop(self, node_id: str, handler: InboxHandler) -> None:
-        stream = self._inbox_key(node_id)
-        consumer = node_id
-        outage = _Outage(f"inbox of {node_id}", self._backoff_max)
+    async def _inbox_loop(
+        self, stream: str, consumer: str, label: str, handler: InboxHandler
+    ) -> None:
+        """Read entries and hand each read's batch to ``handler`` in a task of its own
+        (at most ``_DELIVERING`` at once), so a handler that waits for devices' acks does
+        not hold up the next read. Each task starts in read order, and handlers do
+        their ordering-relevant work before their first await."""
+        outage = _Outage(label, self._backoff_max)
         setup = True
         next_claim = 0.0
-        while not self._closing:
-            try:
-                if setup:
-                    await self._ensure_group(stream)
-                    await self._drain_own_pending(stream, consumer, handler)
-                    setup = False
-                if time.monotonic() >= next_claim:
-                    next_claim = time.monotonic() + max(0.1, self._claim_idle_ms / 2000)
-                    await self._autoclaim(stream, consumer, handler, self._claim_idle_ms)
-                resp = await self._r().xreadgroup(
-                    GROUP, consumer, {stream: ">"}, count=self._batch, block=self._block_ms
-                )
-                outage.ok()
-                entries = _entries(resp)
-                if entries:
-                    await self._deliver(stream, entries, handler)
-            except asyncio.CancelledError:
-                raise
-            except (BusUnavailable, RedisError, OSError) as exc:
-                if self._closing:
-                    return
-                setup = True
-                cause = exc.__cause__ if isinstance(exc, BusUnavailable) else exc
-                if isinstance(cause, ResponseError) and "NOGROUP" in str(cause):
-                    # Redis lost the stream (restarted without its data): recreate it.
-                    log.warning("inbox of %s: consumer group gone; recreating it", node_id)
-                elif cause is None or _is_outage(cause):
-                    await outage.failed(exc)
-                else:
-                    log.error("inbox of %s: %s", node_id, exc)
-                    await asyncio.sleep(self._backoff_max)
+        slots = asyncio.Semaphore(_DELIVERING)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while not self._closing:
+                try:
+                    if setup:
+                        await self._ensure_group(stream)
+                        await self._drain_own_pending(stream, consumer, handler)
+                        setup = False
+                    if time.monotonic() >= next_claim:
+                        next_claim = time.monotonic() + max(0.1, self._claim_idle_ms / 2000)
+                        await self._autoclaim(stream, consumer, handler, self._claim_idle_ms)
+                    await slots.acquire()
+                    try:
+                        resp = await self._r().xreadgroup(
+                            GROUP, consumer, {stream: ">"}, count=self._batch, block=self._block_ms
+                        )
+                    except BaseException:
+                        slots.release()
+                        raise
+                    outage.ok()
+                    entries = _entries(resp)
+                    if not entries:
+                        slots.release()
+                        continue
+                    task = asyncio.get_running_loop().create_task(
+                        self._deliver_in_slot(stream, entries, handler, slots)
+                    )
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                except asyncio.CancelledError:
+                    raise
+                except (BusUnavailable, RedisError, OSError) as exc:
+                    if self._closing:
+                        return
+                    setup = True
+                    cause = exc.__cause__ if isinstance(exc, BusUnavailable) else exc
+                    if isinstance(cause, ResponseError) and "NOGROUP" in str(cause):
+                        # Redis lost the stream (restarted without its data): recreate it.
+                        log.warning("%s: consumer group gone; recreating it", label)
+                    elif cause is None or _is_outage(cause):
+                        await outage.failed(exc)
+                    else:
+                        log.error("%s: %s", label, exc)
+                        await asyncio.sleep(self._backoff_max)
+        finally:
+            await _cancel(list(running))
+
+    async def _deliver_in_slot(
+        self,
+        stream: str,
+        entries: list[tuple[bytes, dict[bytes, bytes] | None]],
+        handler: InboxHandler,
+        slots: asyncio.Semaphore,
+    ) -> None:
+        try:
+            await self._deliver(stream, entries, handler)
+        except BusUnavailable as exc:
+            # Not acked: the entries stay pending and are taken over after claim_idle.
+            log.warning("%s: could not ack delivered entries (%s); they come again", stream, exc)
+        finally:
+            slots.release()
 
     async def _drain_own_pending(self, stream: str, consumer: str, handler: InboxHandler) -> None:
         """Entries this consumer read before and never acked (a restart of this node)."""
