@@ -1,7 +1,12 @@
 """The embedded deployment: every role in one asyncio process (``fishchat-iot up``) —
 gateway and msg_server TCP listeners, the MQTT edge (embedded broker or external-broker
 client), router, manager, the in-process bus and the SQLite store — plus the status file
-that ``fishchat-iot status`` reads."""
+that ``fishchat-iot status`` reads.
+
+The same class is the msg_server process of the distributed mode (``fishchat-iot run
+msg-server``): the bus and store from ``[bus]``/``[store]`` (Redis, MongoDB), no gateway
+listener (``gateway=False``), the monitor off, and the node acting on the cluster's
+revoke and kick events."""
 
 from __future__ import annotations
 
@@ -18,14 +23,19 @@ from device_adapters.tcp.gateway import GatewayConnection
 from device_adapters.tcp.listener import TcpListener
 from device_adapters.tcp.session import TcpSession
 from fishchat_iot import __version__
-from fishchat_iot.bus.local import LocalBus
+from fishchat_iot.backends import (
+    describe_bus,
+    describe_store,
+    make_bus,
+    make_store,
+    open_with_retry,
+)
 from fishchat_iot.config import Settings
-from fishchat_iot.crypto.atrest import SERVER_KEY_FILE, AtRest, SealedStore, load_server_key
+from fishchat_iot.crypto.atrest import AtRest, SealedStore, load_server_key
 from fishchat_iot.roles.gateway import Gateway
 from fishchat_iot.roles.manager import Manager, now_ms
 from fishchat_iot.roles.msg_server import MsgServer
 from fishchat_iot.roles.router import Router
-from fishchat_iot.stores.sqlite import SqliteStore
 
 log = logging.getLogger("fishchat.app")
 
@@ -47,28 +57,32 @@ class MqttEdge(Protocol):
 class EmbeddedApp:
     """Start with ``await app.start()``, stop with ``await app.stop()``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, gateway: bool = True) -> None:
         self.settings = settings
-        self.store = SqliteStore(settings.sqlite_path, settings.store.queue_max)
+        self.store = make_store(settings)
         # Queued bodies not sealed end to end are sealed at rest under the server key
         # (fishchat_iot/crypto/atrest.py); live deliveries never go through it.
         self.sealed = SealedStore(self.store)
         queues = self.sealed.as_store()
-        self.bus = LocalBus()
-        self.manager = Manager(queues, settings.delivery.offline_max_age)
+        self.bus = make_bus(settings)
+        self.manager = Manager(
+            queues, settings.delivery.offline_max_age, purge=settings.store.backend == "sqlite"
+        )
         self.router = Router(self.bus, queues, settings.delivery.offline_max)
         self.gateway = Gateway(self.bus)
         tcp = settings.tcp
         self.msg_listener = TcpListener(
             "msg_server", "--msg-port", self._msg_session, tcp.host, tcp.msg_port
         )
-        self.gateway_listener = TcpListener(
-            "gateway",
-            "--gateway-port",
-            lambda lst: GatewayConnection(lst, self.gateway, tcp.login_timeout),
-            tcp.host,
-            tcp.gateway_port,
-        )
+        self.gateway_listener: TcpListener | None = None
+        if gateway:
+            self.gateway_listener = TcpListener(
+                "gateway",
+                "--gateway-port",
+                lambda lst: GatewayConnection(lst, self.gateway, tcp.login_timeout),
+                tcp.host,
+                tcp.gateway_port,
+            )
         # TLS (docs/security.md): the msg_server listener again, with TLS; MQTT's is the
         # embedded broker's (device_adapters/mqtt/broker.py). Built in start().
         self.tls_context: ssl.SSLContext | None = None
@@ -86,10 +100,10 @@ class EmbeddedApp:
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.sealed.atrest = AtRest(load_server_key(self.settings.data_dir / SERVER_KEY_FILE))
-        await self.store.open()
+        self.sealed.atrest = AtRest(load_server_key(self.settings.server_key_path))
+        await open_with_retry(self.store.open, describe_store(self.settings))
         try:
-            await self.bus.open()
+            await open_with_retry(self.bus.open, describe_bus(self.settings))
             await self.manager.start()
             # Bind first, so a port of 0 is known before the node announces itself.
             await self.msg_listener.start()
@@ -99,8 +113,10 @@ class EmbeddedApp:
                 self.settings, self.bus, self.manager, self.router, node_id, address
             )
             await self.msg_server.start()
+            self.bus.on_event(self.msg_server.on_event)
             await self._start_tls()
-            await self.gateway_listener.start()
+            if self.gateway_listener is not None:
+                await self.gateway_listener.start()
             await self._start_mqtt(self.msg_server)
             await self._start_serial()
             await self._start_monitor()
@@ -194,10 +210,10 @@ class EmbeddedApp:
 
     def listeners(self) -> dict[str, str]:
         host = self.settings.node.advertise_host
-        addrs = {
-            "gateway": f"{host}:{self.gateway_listener.port}",
-            "msg_server": f"{host}:{self.msg_listener.port}",
-        }
+        addrs = {}
+        if self.gateway_listener is not None:
+            addrs["gateway"] = f"{host}:{self.gateway_listener.port}"
+        addrs["msg_server"] = f"{host}:{self.msg_listener.port}"
         if self.tls_listener is not None:
             addrs["msg_server_tls"] = f"{host}:{self.tls_listener.port}"
         if self.mqtt is not None:
@@ -223,7 +239,8 @@ class EmbeddedApp:
             await self.serial.stop()
         if self.mqtt is not None:
             await self.mqtt.stop()
-        await self.gateway_listener.stop()
+        if self.gateway_listener is not None:
+            await self.gateway_listener.stop()
         if self.tls_listener is not None:
             await self.tls_listener.stop()
         await self.msg_listener.stop()

@@ -65,6 +65,10 @@ class Bus(abc.ABC):
     async def where(self, device_id: str) -> str | None:
         """The node holding the device's live session, if any."""
 
+    async def where_many(self, device_ids: Sequence[str]) -> list[str | None]:
+        """``where`` for several devices (one round trip on a remote bus)."""
+        return [await self.where(d) for d in device_ids]
+
     # -- node inboxes ----------------------------------------------------------
     @abc.abstractmethod
     async def attach_inbox(self, node_id: str, handler: InboxHandler) -> None:

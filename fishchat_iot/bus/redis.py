@@ -317,6 +317,9 @@ class RedisBus(Bus):
     async def remove_node(self, node_id: str) -> None:
         """The node leaves: it is no longer alive. Its registry entry goes too unless
         its inbox still holds entries, which ``dead_nodes``/``claim_inbox`` then find."""
+        reader = self._inboxes.pop(self._inbox_key(node_id), None)
+        if reader is not None:  # this process stops reading it first
+            await _cancel([reader])
         r = self._r()
         await self._call("remove_node", r.delete(self._alive_key(node_id)))
         if await self._call("remove_node", r.xlen(self._inbox_key(node_id))) == 0:
@@ -378,6 +381,18 @@ class RedisBus(Bus):
         if value is None:
             return None
         return value.decode() if isinstance(value, bytes) else str(value)
+
+    async def where_many(self, device_ids: Sequence[str]) -> list[str | None]:
+        if not device_ids:
+            return []
+        if len(device_ids) == 1:
+            return [await self.where(device_ids[0])]
+        # One GET per key in one pipeline: the keys live in different cluster slots.
+        pipe = self._r().pipeline(transaction=False)
+        for d in device_ids:
+            pipe.get(self._presence_key(d))
+        values = await self._call("where", pipe.execute())
+        return [v.decode() if isinstance(v, bytes) else v for v in values]
 
     async def refresh_presence(self) -> int:
         """Refresh the presence of every device this process set present (done in the

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from fishchat_iot.backends import describe_store, make_store
 from fishchat_iot.cli.output import CliError
 from fishchat_iot.config import ConfigError, Settings, load_settings
 from fishchat_iot.stores.base import Store, StoreUnavailable
@@ -70,7 +71,8 @@ def ensure_data_dir(settings: Settings) -> None:
 
 
 def store_exists(settings: Settings) -> bool:
-    return settings.sqlite_path.is_file()
+    """A MongoDB store always "exists": it is created on first use."""
+    return settings.store.backend != "sqlite" or settings.sqlite_path.is_file()
 
 
 def no_store_error(settings: Settings) -> CliError:
@@ -83,6 +85,13 @@ def no_store_error(settings: Settings) -> CliError:
 def store_error(settings: Settings, exc: BaseException) -> CliError | None:
     """The one-line error for a failure of the store itself, or None if ``exc`` is not one.
     The SQLite store wraps SQLite's errors in StoreUnavailable; the cause says more."""
+    if settings.store.backend == "mongodb":
+        if isinstance(exc, StoreUnavailable):
+            return CliError(
+                f"the store ({describe_store(settings)}) is unavailable ({exc}): check that "
+                "MongoDB runs and store.mongo_url, then retry"
+            )
+        return None
     path = settings.sqlite_path
     cause = exc.__cause__ if isinstance(exc, StoreUnavailable) else exc
     if isinstance(cause, sqlite3.OperationalError):
@@ -114,10 +123,8 @@ def store_error(settings: Settings, exc: BaseException) -> CliError | None:
 
 
 def new_store(settings: Settings) -> Store:
-    """The embedded store for these settings (imported here: ``--help`` needs no store)."""
-    from fishchat_iot.stores.sqlite import SqliteStore
-
-    return SqliteStore(str(settings.sqlite_path), queue_max=settings.store.queue_max)
+    """The store these settings name (``store.backend``)."""
+    return make_store(settings)
 
 
 async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
@@ -150,6 +157,10 @@ def run_with_store(
     Without ``create``, a store that does not exist yet is an error (no command but
     ``device register`` should leave a fresh ``./data`` behind after a typo in
     ``--data-dir``); with it, the data directory and the store are created."""
+    try:
+        settings.check()
+    except ConfigError as exc:
+        raise CliError(f"{exc}: fix the config (docs/configuration.md)") from None
     if create:
         ensure_data_dir(settings)
     elif not store_exists(settings):

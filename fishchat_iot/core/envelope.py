@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 KIND_P2P = "p2p"
 KIND_TOPIC = "topic"
+KIND_POKE = "poke"  # no message: "read this device's offline queue again" (roles/router.py)
 
 
 @dataclass(slots=True)

@@ -23,9 +23,15 @@ def now_ms() -> int:
 
 
 class Manager:
-    def __init__(self, store: Store, offline_max_age: float = 7 * 86400.0) -> None:
+    def __init__(
+        self, store: Store, offline_max_age: float = 7 * 86400.0, purge: bool = True
+    ) -> None:
         self.store = store
         self.offline_max_age = offline_max_age
+        # Expire old queued messages here (embedded); in the distributed mode only the
+        # manager process does (roles/manager_node.py), not every msg_server.
+        self.purge = purge
+        self.expired = 0  # queued messages expired since start
         self._devices: dict[str, DeviceRecord | None] = {}
         self._topics: dict[str, TopicRecord | None] = {}
         self._generation = 0
@@ -122,13 +128,14 @@ class Manager:
         while True:
             await asyncio.sleep(2.0)
             await self._check_revoked()
-            if time.monotonic() - last_purge >= 60.0:
+            if self.purge and time.monotonic() - last_purge >= 60.0:
                 last_purge = time.monotonic()
                 try:
                     n = await self.store.purge_expired(now_ms() - int(self.offline_max_age * 1000))
                 except Exception as exc:
                     log.warning("offline queue purge failed: %s", exc)
                     continue
+                self.expired += n
                 if n:
                     log.warning(
                         "expired %d queued messages older than %.0f s (delivery.offline_max_age)",

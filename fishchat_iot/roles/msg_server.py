@@ -23,14 +23,17 @@ from typing import Any
 
 from fishchat_iot import errors
 from fishchat_iot.auth import token_matches
-from fishchat_iot.bus.base import Bus, NodeInfo
+from fishchat_iot.backends import open_with_retry
+from fishchat_iot.bus.base import Bus, BusUnavailable, NodeInfo
 from fishchat_iot.config import Settings
-from fishchat_iot.core.envelope import KIND_P2P, KIND_TOPIC, Envelope
+from fishchat_iot.core.batcher import Batcher
+from fishchat_iot.core.envelope import KIND_P2P, KIND_POKE, KIND_TOPIC, Envelope
+from fishchat_iot.core.receipt import AckWait, Receipt
 from fishchat_iot.core.session import Mode, Session
 from fishchat_iot.ids import IdGenerator, OrderKeys
 from fishchat_iot.roles.manager import Manager, now_ms
 from fishchat_iot.roles.monitor_metrics import Histogram
-from fishchat_iot.roles.router import Router
+from fishchat_iot.roles.router import ROUTER_ROLE, Router
 from fishchat_iot.stores.base import (
     AlreadyExists,
     Enqueued,
@@ -95,13 +98,31 @@ class MsgServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Set when the latest hand-off has passed its registry check (see _hand_off).
         self._handoff_gate: asyncio.Future[None] | None = None
+        # delivery.receipt = "acked": live deliveries whose ack a receipt waits for,
+        # by (recipient, id), oldest first.
+        self.receipt_after_ack = settings.delivery.receipt == "acked"
+        self._ack_waits: dict[tuple[str, str], AckWait] = {}
+        # Devices whose queue got something behind their feed's position (a poke).
+        self._reread: set[str] = set()
+        # Group commit of hand-offs (per kind of routing) and of acks of stored copies.
+        self._routing: dict[tuple[bool, bool], Batcher[Envelope, Enqueued]] = {}
+        self._acks: Batcher[tuple[str, str], None] = Batcher(
+            self._ack_batch, lambda coro: self.spawn(coro, "hand-off-acks")
+        )
         manager.on_revoked.append(self.revoked)
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self.bus.attach_inbox(self.node_id, self.deliver_from_bus)
-        await self.heartbeat()
+        await open_with_retry(
+            lambda: self.bus.attach_inbox(self.node_id, self.deliver_from_bus),
+            f"the inbox of {self.node_id}",
+        )
+        try:
+            await self.heartbeat()
+            self.router.routers_alive = bool(await self.bus.live_nodes(ROUTER_ROLE))
+        except BusUnavailable as exc:  # the watchdog beats again every 2 s
+            log.warning("node heartbeat failed: %s", exc)
         self.spawn(self._watchdog(), "watchdog")
 
     async def stop(self) -> None:
@@ -112,7 +133,7 @@ class MsgServer:
             self.session_closed(s)
         self._flush()
         for task in list(self._tasks):
-            if task.get_name().startswith("hand-off") or task.get_name().startswith("send"):
+            if task.get_name().startswith(("hand-off", "send")):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.shield(task), 10)
         for task in list(self._tasks):
@@ -168,10 +189,13 @@ class MsgServer:
                 log.info("session %s silent for %.0f s: closing", s.device_id, now - s.last_seen)
                 s.drop(errors.KEEPALIVE_TIMEOUT, f"no traffic for {limit:g} s")
                 self.session_closed(s)
+            if self._ack_waits:
+                self._store_unacked(now - self.settings.delivery.ack_wait)
             if now - last_beat >= 2.0:
                 last_beat = now
                 try:
                     await self.heartbeat()
+                    self.router.routers_alive = bool(await self.bus.live_nodes(ROUTER_ROLE))
                 except Exception as exc:
                     log.warning("node heartbeat failed: %s", exc)
 
@@ -236,7 +260,14 @@ class MsgServer:
         s.last_seen = time.monotonic()
         s.logged_in_ms = now_ms()
         self.sessions[device_id] = s
-        await self.bus.set_presence(device_id, self.node_id)
+        try:
+            await self.bus.set_presence(device_id, self.node_id)
+        except BusUnavailable as exc:
+            log.warning("login of %s refused: presence not recorded: %s", device_id, exc)
+            if self.sessions.get(device_id) is s:
+                del self.sessions[device_id]
+            s.mode = Mode.CLOSED
+            return errors.UNAVAILABLE, "routing unavailable, retry later"
         if s.mode is not Mode.CLOSED:
             self._start_drain(s)
         return None
@@ -268,6 +299,27 @@ class MsgServer:
             log.warning("device %s revoked: closing its session", device_id)
             s.drop(errors.REVOKED, f"device {device_id!r} was revoked")
             self.session_closed(s)
+
+    def kick(self, device_id: str) -> bool:
+        """An operator closed the device's session (it may log in again)."""
+        s = self.sessions.get(device_id)
+        if s is None:
+            return False
+        log.warning("device %s kicked by an operator: closing its session", device_id)
+        s.drop(errors.UNAVAILABLE, "session closed by an operator")
+        self.session_closed(s)
+        return True
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """Registry and operator events from the bus (any process may publish them)."""
+        kind, device = event.get("kind"), event.get("device")
+        if not isinstance(device, str):
+            return
+        if kind == "revoke":
+            self.manager.invalidate()
+            self.revoked(device)
+        elif kind == "kick":
+            self.kick(device)
 
     # -- sending -------------------------------------------------------------------
     def _offer(self, env: Envelope) -> Offer | None:
@@ -312,12 +364,19 @@ class MsgServer:
         if offer is Offer.LIVE or offer is Offer.DUPLICATE:
             if offer is Offer.LIVE:
                 self.msgs_in += 1
+            if self.receipt_after_ack:
+                receipt = self._receipt(s, mid)
+                self._wait_for_ack(env, receipt)
+                receipt.release()
+                return
             s.emit_accepted(mid)
             s.mark_dirty()
         elif offer is Offer.CONFLICT:
             self._refuse_duplicate(s, mid, to)
         else:
-            self._hand_off([env], s, accepted=False, check_recipient=True)
+            receipt = self._receipt(s, mid, p2p=True)
+            self._hand_off([env], receipt, accepted=False, check_recipient=True)
+            receipt.release()
 
     def send_topic(
         self, s: Session, name: str, body: str, msg_id: str = "", enc: str = "none"
@@ -365,28 +424,44 @@ class MsgServer:
             s.mark_dirty()
             return
         ts = now_ms()
-        slow: list[Envelope] = []
+        slow: list[Envelope] = []  # members held here, not live now
+        elsewhere: list[Envelope] = []  # members not held here: the routers' job
+        waits: list[Envelope] = []
         conflict = ""
+        sessions = self.sessions
         for member in topic.members:
             if member == s.device_id:
                 continue
             env = Envelope(
                 mid, s.device_id, member, body, ts, self.okeys.next(), KIND_TOPIC, name, enc
             )
+            if member not in sessions:
+                elsewhere.append(env)
+                continue
             offer = self._offer(env)
             if offer is None:
                 slow.append(env)
             elif offer is Offer.CONFLICT:
                 conflict = member
+            elif self.receipt_after_ack:
+                waits.append(env)
         self.msgs_in += 1
         self.topic_msgs[name] = self.topic_msgs.get(name, 0) + 1
         if conflict:
             self._refuse_duplicate(s, mid, conflict)
-        elif slow:
-            self._hand_off(slow, s, accepted=False)
-        else:
+            return
+        if not (slow or elsewhere or waits):
             s.emit_accepted(mid)
             s.mark_dirty()
+            return
+        receipt = self._receipt(s, mid)
+        for env in waits:
+            self._wait_for_ack(env, receipt)
+        if slow:
+            self._hand_off(slow, receipt, accepted=False)
+        if elsewhere:
+            self._hand_off(elsewhere, receipt, accepted=False, via_router=True)
+        receipt.release()
 
     def _refuse_duplicate(self, s: Session, mid: str, to: str) -> None:
         s.emit_error(
@@ -395,6 +470,66 @@ class MsgServer:
             mid,
         )
         s.mark_dirty()
+
+    def _receipt(self, s: Session, mid: str, p2p: bool = False) -> Receipt:
+        """The receipt of message ``mid`` from ``s``: ACCEPTED (or the first error)
+        once everything it holds is done. Counts towards the session's pending
+        receipts (reading pauses when too many wait)."""
+        self._begin_receipt(s)
+
+        def done(code: str, text: str) -> None:
+            self._end_receipt(s)
+            if code:
+                s.emit_error(code, text, mid)
+            else:
+                s.emit_accepted(mid)
+                if p2p:
+                    self.msgs_in += 1
+            s.mark_dirty()
+
+        return Receipt(done)
+
+    def _wait_for_ack(self, env: Envelope, receipt: Receipt) -> None:
+        """``receipt`` waits for the recipient to ack this live delivery (when the
+        session keeps it in flight: v1 topic deliveries count as delivered once
+        written), or for it to be stored (session ends, or ``ack_wait`` passes)."""
+        r = self.sessions.get(env.to)
+        if r is None or env.id not in r.inflight:
+            return
+        key = (env.to, env.id)
+        wait = self._ack_waits.get(key)
+        if wait is None:
+            self._ack_waits[key] = AckWait(receipt, time.monotonic())
+        else:
+            wait.receipts.append(receipt)
+        receipt.hold()
+
+    def _ack_arrived(self, device_id: str, mid: str) -> None:
+        wait = self._ack_waits.pop((device_id, mid), None)
+        if wait is not None:
+            wait.release()
+
+    def _store_unacked(self, older_than: float) -> None:
+        """Live deliveries waited on for longer than ``ack_wait``: store them (they stay
+        in flight, now marked stored), so their receipts do not wait on a slow device."""
+        expired: list[tuple[str, str]] = []
+        for key, wait in self._ack_waits.items():
+            if wait.since > older_than:
+                break  # oldest first
+            expired.append(key)
+        envs: list[Envelope] = []
+        for key in expired:
+            device_id, mid = key
+            r = self.sessions.get(device_id)
+            entry = r.inflight.get(mid) if r is not None else None
+            if r is not None and entry is not None and not entry[1]:
+                r.inflight[mid] = (entry[0], True)
+                envs.append(entry[0])
+            else:
+                self._ack_arrived(device_id, mid)  # no longer in flight here
+        if envs:
+            envs.sort(key=lambda e: e.okey)
+            self._hand_off(envs, None, accepted=True)
 
     def _begin_receipt(self, s: Session) -> None:
         s.pending_receipts += 1
@@ -409,9 +544,10 @@ class MsgServer:
     def _hand_off(
         self,
         envs: list[Envelope],
-        sender: Session | None,
+        receipt: Receipt | None,
         accepted: bool,
         check_recipient: bool = False,
+        via_router: bool = False,
     ) -> None:
         """Start the durable hand-off of messages no live session took. Counted per
         recipient *now*, before any await, so a recipient logging in meanwhile waits
@@ -420,8 +556,8 @@ class MsgServer:
             keys = self._pending.setdefault(env.to, {})
             keys[env.okey] = keys.get(env.okey, 0) + 1
             self._arrivals[env.to] = self._arrivals.get(env.to, 0) + 1
-        if sender is not None:
-            self._begin_receipt(sender)
+        if receipt is not None:
+            receipt.hold()
         # Hand-offs reach the store in the order they were started (order-key order), so
         # the queue bound or a crash cuts a sender's stream at one point: never a later
         # message stored and an earlier one refused or lost (then resent after it). Only
@@ -430,15 +566,17 @@ class MsgServer:
         prev, gate = self._handoff_gate, asyncio.get_running_loop().create_future()
         self._handoff_gate = gate
         self.spawn(
-            self._hand_off_task(envs, sender, accepted, check_recipient, prev, gate), "hand-off"
+            self._hand_off_task(envs, receipt, accepted, check_recipient, via_router, prev, gate),
+            "hand-off",
         )
 
     async def _hand_off_task(
         self,
         envs: list[Envelope],
-        sender: Session | None,
+        receipt: Receipt | None,
         accepted: bool,
         check_recipient: bool,
+        via_router: bool,
         prev: asyncio.Future[None] | None,
         gate: asyncio.Future[None],
     ) -> None:
@@ -460,7 +598,7 @@ class MsgServer:
                 if self._handoff_gate is gate:
                     self._handoff_gate = None
             if not code:
-                results = await self._route_with_retry(envs, accepted)
+                results = await self._route_with_retry(envs, accepted, via_router)
                 for env, r in zip(envs, results, strict=True):
                     if r is Enqueued.FULL:
                         code = errors.QUEUE_FULL
@@ -476,34 +614,50 @@ class MsgServer:
         finally:
             for env in envs:
                 self._settle(env.to, env.okey)
-            if sender is not None:
-                self._end_receipt(sender)
         if code:
             self.dropped[code] = self.dropped.get(code, 0) + 1
         else:
             self.msgs_queued += len(envs)
-        if sender is not None:
-            if code:
-                sender.emit_error(code, text, envs[0].id)
-            else:
-                sender.emit_accepted(envs[0].id)
-                if envs[0].kind == KIND_P2P:
-                    self.msgs_in += 1
-            sender.mark_dirty()
+            for env in envs:
+                r = self.sessions.get(env.to)
+                if r is not None and env.okey <= r.cursor:
+                    # Stored behind the feed's position (its order key is older than what
+                    # the feed read: a message accepted long ago, e.g. taken over from a
+                    # dead node's inbox): read the queue again from the start.
+                    self.poked(env.to)
+            if self._ack_waits:
+                for env in envs:  # durable now: receipts waiting for their acks are done
+                    self._ack_arrived(env.to, env.id)
+        if receipt is not None:
+            receipt.release(code, text)
 
-    async def _route_with_retry(self, envs: list[Envelope], accepted: bool) -> list[Enqueued]:
+    async def _route_with_retry(
+        self, envs: list[Envelope], accepted: bool, via_router: bool = False
+    ) -> list[Enqueued]:
         """Messages being sent may fail back to their sender (it retries); messages
         accepted before have nobody to fail to, so they are retried until stored."""
         delay = 0.05
         while True:
             try:
-                return await self.router.route_elsewhere(envs, accepted=accepted)
+                return list(await self._route_batcher(accepted, via_router).submit(envs))
             except StoreUnavailable:
                 if not accepted:
                     raise
                 log.error("store unavailable: %d accepted messages waiting to be stored", len(envs))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def _route_batcher(self, accepted: bool, via_router: bool) -> Batcher[Envelope, Enqueued]:
+        key = (accepted, via_router)
+        batcher = self._routing.get(key)
+        if batcher is None:
+
+            async def run(envs: list[Envelope]) -> list[Enqueued]:
+                return await self.router.route_elsewhere(envs, accepted, via_router)
+
+            batcher = Batcher(run, lambda coro: self.spawn(coro, "hand-off-batch"))
+            self._routing[key] = batcher
+        return batcher
 
     def _settle(self, device_id: str, okey: int) -> None:
         keys = self._pending[device_id]
@@ -524,15 +678,49 @@ class MsgServer:
             self._arrivals.pop(device_id, None)
 
     async def deliver_from_bus(self, envs: Sequence[Envelope]) -> None:
-        """Messages routed here by another node: live if possible, else queued."""
-        slow = [env for env in envs if self._offer(env) is None]
+        """Messages routed here by another node: live if possible, else queued. With
+        ``receipt = "acked"`` this returns (and the bus acks the inbox entry) only once
+        each is acked by its device or stored, so a node that dies loses none: its
+        inbox entries are taken over (``roles/router_node.py``)."""
+        done = asyncio.get_running_loop().create_future() if self.receipt_after_ack else None
+        receipt = Receipt(lambda code, text: _resolve(done)) if done is not None else None
+        slow: list[Envelope] = []
+        for env in envs:
+            if env.kind == KIND_POKE:
+                self.poked(env.to)
+                continue
+            offer = self._offer(env)
+            if offer is None:
+                slow.append(env)
+            elif receipt is not None:
+                self._wait_for_ack(env, receipt)
         if slow:
-            self._hand_off(slow, None, accepted=True)
+            self._hand_off(slow, receipt, accepted=True)
+        if receipt is not None and done is not None:
+            receipt.release()
+            await done
+
+    def poked(self, device_id: str) -> None:
+        """Something was stored in the device's queue after its feed read past it (it
+        logged in here while the message was on its way to the queue): feed the
+        session from its queue again, from the start."""
+        s = self.sessions.get(device_id)
+        if s is None:
+            return
+        self._reread.add(device_id)
+        self._arrivals[device_id] = self._arrivals.get(device_id, 0) + 1
+        if s.mode is Mode.LIVE:
+            s.mode = Mode.BACKLOG
+        if s.mode is Mode.BACKLOG and s.drain_task is None:
+            self._start_drain(s)
 
     # -- acks and the durable queue feed ---------------------------------------------
     def ack(self, s: Session, ids: Sequence[str]) -> None:
         stored: list[str] = []
+        waits = self._ack_waits
         for mid in ids:
+            if waits:
+                self._ack_arrived(s.device_id, mid)
             entry = s.inflight.pop(mid, None)
             # Unknown ids may be acks of a delivery from an earlier session: the device
             # has the message, so its queued copy can go.
@@ -545,10 +733,20 @@ class MsgServer:
 
     async def _ack_stored(self, device_id: str, ids: list[str]) -> None:
         try:
-            await self.manager.store.ack(device_id, ids)
+            await self._acks.submit([(device_id, mid) for mid in ids])
         except StoreUnavailable as exc:
             # Not lost, just delivered again on the next login (devices dedupe).
             log.warning("could not record acks of %s: %s", device_id, exc)
+
+    async def _ack_batch(self, acks: list[tuple[str, str]]) -> list[None]:
+        """Acks of stored copies from every session since the last call, one store call
+        per device, all at once."""
+        by_device: dict[str, list[str]] = {}
+        for device_id, mid in acks:
+            by_device.setdefault(device_id, []).append(mid)
+        store = self.manager.store
+        await asyncio.gather(*(store.ack(d, ids) for d, ids in by_device.items()))
+        return [None] * len(acks)
 
     def writable_again(self, s: Session) -> None:
         """The transport drained below its low-water mark."""
@@ -574,6 +772,9 @@ class MsgServer:
                 under_way = self._pending.get(device)
                 mark = min(under_way) if under_way else None
                 arrivals = self._arrivals.get(device, 0)
+                if device in self._reread:
+                    self._reread.discard(device)
+                    s.cursor = 0  # entries still in flight are skipped below
                 try:
                     fetched = await store.pending(device, s.cursor, min(room, DRAIN_BATCH))
                 except StoreUnavailable as exc:
@@ -669,6 +870,11 @@ class MsgServer:
         except StoreUnavailable:
             s.emit_error(errors.UNAVAILABLE, "registry unavailable, retry later", name)
         s.mark_dirty()
+
+
+def _resolve(done: asyncio.Future[None] | None) -> None:
+    if done is not None and not done.done():
+        done.set_result(None)
 
 
 def valid_name(name: str) -> bool:

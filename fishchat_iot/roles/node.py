@@ -1,0 +1,101 @@
+"""What every role process of the distributed mode shares (``fishchat-iot run ROLE``):
+its bus, opened whenever it becomes reachable (roles start in any order), a node id,
+and a heartbeat into the node registry every 2 s so the gateway, the routers and the
+monitor see it. Subclasses add their work in ``_start``/``_stop``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Coroutine
+from typing import Any
+
+from fishchat_iot.backends import describe_bus, make_bus, open_with_retry
+from fishchat_iot.bus.base import BusUnavailable, NodeInfo
+from fishchat_iot.config import Settings
+from fishchat_iot.roles.manager import now_ms
+
+log = logging.getLogger("fishchat.node")
+
+HEARTBEAT_PERIOD = 2.0
+
+
+class RoleNode:
+    role = "?"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bus = make_bus(settings)
+        host = settings.node.advertise_host
+        self.node_id = settings.node.id or f"{self.role}@{host}:{os.getpid()}"
+        self.address = ""  # host:port where the role listens, if it does
+        self.started_ms = now_ms()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        await open_with_retry(self.bus.open, describe_bus(self.settings))
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.spawn(self._beat_forever(), "heartbeat")
+        log.info("%s %s is up", self.role, self.node_id)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks.clear()
+        await self._stop()
+        with contextlib.suppress(Exception):
+            await self.bus.remove_node(self.node_id)
+        await self.bus.close()
+
+    async def _start(self) -> None:
+        """The role's own start (the bus is open)."""
+
+    async def _stop(self) -> None:
+        """The role's own stop (the bus is still open)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Role-specific figures for the node registry (the monitor shows them)."""
+        return {}
+
+    def node_info(self) -> NodeInfo:
+        return NodeInfo(
+            node_id=self.node_id,
+            role=self.role,
+            address=self.address,
+            started_ms=self.started_ms,
+            stats=self.stats(),
+        )
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def _beat_forever(self) -> None:
+        failing = False
+        while True:
+            try:
+                await self.bus.heartbeat(self.node_info())
+                if failing:
+                    log.warning("%s heartbeat: the bus is reachable again", self.node_id)
+                failing = False
+            except BusUnavailable as exc:
+                if not failing:
+                    log.warning("%s heartbeat failed: %s; retrying", self.node_id, exc)
+                failing = True
+            await asyncio.sleep(HEARTBEAT_PERIOD)
