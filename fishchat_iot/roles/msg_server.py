@@ -619,8 +619,8 @@ class MsgServer:
         else:
             self.msgs_queued += len(envs)
             for env in envs:
-                r = self.sessions.get(env.to)
-                if r is not None and env.okey <= r.cursor:
+                holder = self.sessions.get(env.to)
+                if holder is not None and env.okey <= holder.cursor:
                     # Stored behind the feed's position (its order key is older than what
                     # the feed read: a message accepted long ago, e.g. taken over from a
                     # dead node's inbox): read the queue again from the start.

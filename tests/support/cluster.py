@@ -175,12 +175,12 @@ class Cluster:
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         """The node registry as Redis holds it: node id -> NodeInfo fields."""
-        client = redis.Redis.from_url(self.env["FISHCHAT_BUS_URL"])
+        client = redis.Redis.from_url(self.env["FISHCHAT_BUS_URL"], decode_responses=True)
         try:
             raw = client.hgetall(f"{self.env['FISHCHAT_BUS_PREFIX']}:{{nodes}}")
         finally:
             client.close()
-        return {k.decode(): json.loads(v) for k, v in raw.items()}
+        return {k: json.loads(v) for k, v in raw.items()}
 
     def stats(self, node_id: str) -> dict[str, Any]:
         stats: dict[str, Any] = self.nodes()[node_id]["stats"]
