@@ -1,5 +1,7 @@
 """The monitor role: a dashboard page, a JSON API, Prometheus ``/metrics`` and health
-endpoints over HTTP (docs/monitor.md), on the roles of an ``EmbeddedApp``.
+endpoints over HTTP (docs/monitor.md), reading a ``MonitorSource``: the roles of an
+``EmbeddedApp`` (``EmbeddedSource``, in ``fishchat-iot up``) or the whole cluster
+(``roles/monitor_cluster.py``, ``fishchat-iot run monitor``).
 
 Access: operator tokens (``fishchat-iot operator add NAME``) kept as SHA-256 hashes in
 ``{data_dir}/operators.json`` (mode 0600), sent as ``Authorization: Bearer`` or, after
@@ -185,9 +187,9 @@ class MonitorSource(abc.ABC):
         """Stop what ``start`` began."""
 
     @abc.abstractmethod
-    async def sample(self) -> tuple[int, int, int] | None:
-        """Refresh the figures (once a second): the whole's messages in and out and its
-        sessions, for the charts, or None when there is nothing to sample."""
+    async def sample(self, series: Series) -> bool:
+        """Refresh the figures (once a second) and add a point to ``series`` (msgs/s in
+        and out, sessions: the charts); False when there was nothing to sample."""
 
     @abc.abstractmethod
     def figures(self) -> list[tuple[dict[str, str], Figures]]:
@@ -257,14 +259,15 @@ class EmbeddedSource(MonitorSource):
             device_id=device_id[:64], code=code, text=text, transport=s.transport_name
         )
 
-    async def sample(self) -> tuple[int, int, int] | None:
+    async def sample(self, series: Series) -> bool:
         ms = self.app.msg_server
         if ms is None:
-            return None
+            return False
+        series.sample(ms.msgs_in, ms.msgs_out, len(ms.sessions))
         now_mono, now = time.monotonic(), now_ms()
         for device_id, s in ms.sessions.items():
             self._last_seen[device_id] = now - int((now_mono - s.last_seen) * 1000)
-        return ms.msgs_in, ms.msgs_out, len(ms.sessions)
+        return True
 
     def figures(self) -> list[tuple[dict[str, str], Figures]]:
         ms = self.app.msg_server
@@ -481,10 +484,8 @@ class Monitor:
             await asyncio.sleep(SAMPLE_PERIOD)
 
     async def _sample(self) -> None:
-        figures = await self.source.sample()
-        if figures is None:
+        if not await self.source.sample(self.series):
             return
-        self.series.sample(*figures)
         now_mono = time.monotonic()
         if now_mono - self._queues_read >= QUEUE_PERIOD:
             self._queues_read = now_mono
@@ -605,7 +606,10 @@ class Monitor:
             return await self._action(req, operator)
         if method not in ("GET", "HEAD"):
             return error_response(405, "method not allowed")
-        return await self._api_get(req, operator)
+        try:
+            return await self._api_get(req, operator)
+        except BusUnavailable as exc:  # the cluster monitor asks the bus for presence
+            return error_response(503, f"bus unavailable: {exc}")
 
     def _health(self, path: str) -> Response:
         if path == "/healthz":
