@@ -189,7 +189,8 @@ class MonitorSource(abc.ABC):
     @abc.abstractmethod
     async def sample(self, series: Series) -> bool:
         """Refresh the figures (once a second) and add a point to ``series`` (msgs/s in
-        and out, sessions: the charts); False when there was nothing to sample."""
+        and out, sessions: the charts); False when there was nothing to sample (no
+        msg_server yet, the bus unreachable)."""
 
     @abc.abstractmethod
     def figures(self) -> list[tuple[dict[str, str], Figures]]:
@@ -484,13 +485,13 @@ class Monitor:
             await asyncio.sleep(SAMPLE_PERIOD)
 
     async def _sample(self) -> None:
-        if not await self.source.sample(self.series):
-            return
+        # Queues first: the cluster source splits them over the nodes as it samples.
         now_mono = time.monotonic()
         if now_mono - self._queues_read >= QUEUE_PERIOD:
             self._queues_read = now_mono
             with contextlib.suppress(StoreUnavailable):
                 self.queue_depths = await self.source.store.queue_depths()
+        await self.source.sample(self.series)
 
     # -- auth ----------------------------------------------------------------------
     def _locked(self, peer: str) -> float:

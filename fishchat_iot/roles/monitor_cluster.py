@@ -170,6 +170,8 @@ def attach_cluster_reporting(msg_server: MsgServer, bus: Bus) -> None:
     if msg_server in _attached:
         return
     reporter = _Reporter(msg_server, bus)
+    with contextlib.suppress(RuntimeError):  # called on the loop: log records of other
+        reporter.loop = asyncio.get_running_loop()  # threads are handed to it
     _attached[msg_server] = reporter
     msg_server.on_login_refused.append(reporter.login_refused)
     logging.getLogger().addHandler(reporter.handler)
@@ -568,7 +570,9 @@ class MonitorNode:
     ``{data_dir}/status.json`` for ``fishchat-iot status``. ``bus``/``store``: given
     ones (tests) instead of those the settings name; the node closes them either way."""
 
-    def __init__(self, settings: Settings, bus: Bus | None = None, store: Store | None = None):
+    def __init__(
+        self, settings: Settings, bus: Bus | None = None, store: Store | None = None
+    ) -> None:
         self.settings = settings
         self.bus = bus if bus is not None else make_bus(settings)
         self.store = store if store is not None else make_store(settings)

@@ -27,6 +27,7 @@ from support.redis import RedisServer, shared_redis, unique_prefix
 from fishchat_iot.auth import hash_token
 from fishchat_iot.bus.redis import RedisBus
 from fishchat_iot.config import Settings
+from fishchat_iot.core.envelope import Envelope
 from fishchat_iot.roles.manager import Manager
 from fishchat_iot.roles.monitor import hash_operator_token, operators_path, write_operators
 from fishchat_iot.roles.monitor_cluster import (
@@ -136,6 +137,12 @@ async def cluster(
     await store.create_topic(
         TopicRecord("cm-room", "cm-lamp", members=frozenset({"cm-lamp", "cm-door"}))
     )
+    # Offline queues: 3 for cm-lamp (online on node a: its backlog), 2 for cm-fan.
+    queued = [("cm-lamp", i) for i in range(3)] + [("cm-fan", i) for i in range(3, 5)]
+    await store.enqueue(
+        [Envelope(f"q{i}", "cm-door", to, "hi", 1_700_000_000_000, i + 1) for to, i in queued],
+        max_len=100,
+    )
     nodes = []
     for port in (19000, 19001):
         bus = RedisBus(shared_redis.url, prefix=prefix, node_ttl=NODE_TTL)
@@ -206,6 +213,8 @@ async def test_nodes_rates_and_a_dead_node(cluster: Cluster) -> None:
 
     nodes = await eventually(both_seen, "both msg_servers in /api/nodes")
     a, b = nodes[a_id], nodes[b_id]
+    # Offline queue per node: the queues of the devices it holds (cm-lamp on a).
+    assert (a["queued"], b["queued"]) == (3, 0)
     assert (a["role"], a["address"], a["sessions"], a["msgs_in"], a["msgs_out"]) == (
         "msg_server",
         "127.0.0.1:19000",
@@ -250,6 +259,7 @@ async def test_nodes_rates_and_a_dead_node(cluster: Cluster) -> None:
     assert t["msgs_in"] == sum(n["msgs_in"] for n in live) and t["msgs_in"] > 107 + 20, t
     assert t["msgs_out"] == sum(n["msgs_out"] for n in live) and t["msgs_out"] > 95 + 10, t
     assert t["dropped"] == {"QUEUE_FULL": 2}
+    assert t["queued_now"] == 5 and status["registry"]["queued"] == 5
     assert status["registry"]["devices"] == 3
     assert {n["node_id"] for n in status["nodes"]} >= {a_id, b_id}
 
@@ -286,6 +296,11 @@ async def test_devices_online_where_and_topics(cluster: Cluster) -> None:
     assert devs["cm-lamp"]["address"] == "127.0.0.1:19000"
     assert devs["cm-door"]["state"] == devs["cm-fan"]["state"] == "offline"
     assert devs["cm-door"]["node"] is None
+    assert (devs["cm-lamp"]["queued"], devs["cm-fan"]["queued"], devs["cm-door"]["queued"]) == (
+        3,
+        2,
+        0,
+    )
 
     online = await cluster.get_json("/api/devices?state=online")
     assert [d["id"] for d in online["devices"]] == ["cm-lamp"] and online["total"] == 1
@@ -383,6 +398,7 @@ async def test_refused_logins_errors_and_metrics(cluster: Cluster) -> None:
     assert f'fishchat_sessions{{node="{a_id}",transport="mqtt"}} 1' in text
     assert f'fishchat_sessions{{node="{b_id}",transport="tcp"}} 1' in text
     assert f'fishchat_messages_dropped_total{{node="{a_id}",reason="QUEUE_FULL"}} 2' in text
+    assert re.search(r"^fishchat_offline_queue_messages 5$", text, re.M), text
     # The latency histograms of both nodes, merged: 3 ms and 40 ms.
     assert re.search(r"^fishchat_delivery_latency_seconds_count 2$", text, re.M), text
     assert 'fishchat_delivery_latency_seconds_bucket{le="0.005"} 1' in text
