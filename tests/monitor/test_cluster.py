@@ -451,3 +451,41 @@ async def test_status_file_and_cli(cluster: Cluster, tmp_path: Path) -> None:
 async def _has_node(cluster: Cluster, node_id: str) -> bool:
     nodes = (await cluster.get_json("/api/nodes"))["nodes"]
     return any(n["node_id"] == node_id and n["health"] == "ok" for n in nodes)
+
+
+async def test_starts_before_redis_and_waits(
+    mongo_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Roles start in any order: the monitor waits for Redis, then serves."""
+    redis = RedisServer(tmp_path / "redis")
+    (tmp_path / "redis").mkdir()
+    settings = Settings()
+    settings.node.data_dir = str(tmp_path / "monitor")
+    settings.monitor.port = 0
+    settings.bus.backend = "redis"
+    settings.bus.url = redis.url  # nothing listens there yet
+    settings.store.backend = "mongodb"
+    settings.store.mongo_url = mongo_url
+    settings.store.mongo_database = fresh_database_name("fcmon")
+    node = MonitorNode(settings)
+    starting = asyncio.get_running_loop().create_task(node.start())
+    try:
+        await asyncio.sleep(1.0)
+        assert not starting.done()
+        assert any("is not reachable" in r.getMessage() for r in caplog.records)
+        await asyncio.to_thread(redis.start)
+        await asyncio.wait_for(starting, 15)
+
+        async def is_ready() -> bool:
+            r = await asyncio.to_thread(http, f"http://{node.address}/readyz")
+            return r.status == 200 and r.json() == {"status": "ready", "bus": True, "store": True}
+
+        await eventually(is_ready, "/readyz once Redis and MongoDB answer")
+    finally:
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
+        else:
+            await node.stop()
+        await asyncio.to_thread(redis.stop)
