@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fishchat_iot.backends import describe_store
 from fishchat_iot.cli.context import run_with_store, settings_from_args, store_exists
 from fishchat_iot.cli.output import (
     EXIT_ERROR,
@@ -202,6 +203,22 @@ def store_counts(settings: Settings) -> StoreCounts:
     return run_with_store(settings, work) if store_exists(settings) else StoreCounts()
 
 
+NO_REMOTE_COUNTS = "counts come from the cluster monitor, which did not answer"
+
+
+def registry_counts(live: dict[str, Any] | None) -> StoreCounts | None:
+    """The registry counts in a cluster monitor's status (``registry``), if any."""
+    raw = live.get("registry") if live is not None else None
+    if not isinstance(raw, dict) or _int(raw.get("devices")) is None:
+        return None
+    return StoreCounts(
+        devices=_int(raw.get("devices")) or 0,
+        revoked=_int(raw.get("revoked")) or 0,
+        topics=_int(raw.get("topics")) or 0,
+        queued=_int(raw.get("queued")) or 0,
+    )
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     now = now_ms()
@@ -215,10 +232,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         source = "monitor"
     counts: StoreCounts | None = None
     store_problem = ""
-    try:
-        counts = store_counts(settings)
-    except CliError as exc:  # still report the server: that is what status is for
-        store_problem = exc.message
+    remote = settings.store.backend != "sqlite"
+    if remote:  # MongoDB: the counts the cluster monitor read (docs/monitor.md)
+        counts = registry_counts(server.doc if source == "monitor" else None)
+    else:
+        try:
+            counts = store_counts(settings)
+        except CliError as exc:  # still report the server: that is what status is for
+            store_problem = exc.message
     doc = server.doc or {}
     raw_listeners = doc.get("listeners") if server.running else None
     listeners: dict[str, str] = {}
@@ -230,14 +251,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         code = EXIT_ERROR
 
     if args.json:
-        store_doc: dict[str, Any] = {
-            "path": str(settings.sqlite_path),
-            "exists": store_exists(settings),
-        }
+        store_doc: dict[str, Any] = (
+            {"backend": settings.store.backend, "location": describe_store(settings)}
+            if remote
+            else {"path": str(settings.sqlite_path), "exists": store_exists(settings)}
+        )
         if counts is not None:
             store_doc.update(vars(counts))
         else:
-            store_doc["error"] = store_problem
+            store_doc["error"] = store_problem or NO_REMOTE_COUNTS
         if store_problem:
             print_error(store_problem)
         print_json(
@@ -275,12 +297,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         listening = ", ".join(f"{k} {v}" for k, v in sorted(listeners.items()))
         fields.append(("listeners", listening or "-"))
         fields.append(("sessions", sessions))
+    if remote:
+        fields.append(("store", describe_store(settings)))
     if counts is not None:
-        where = "" if store_exists(settings) else " (not created yet)"
-        fields.append(("store", f"{settings.sqlite_path}{where}"))
+        if not remote:
+            where = "" if store_exists(settings) else " (not created yet)"
+            fields.append(("store", f"{settings.sqlite_path}{where}"))
         fields.append(("devices", f"{counts.devices} ({counts.revoked} revoked)"))
         fields.append(("topics", counts.topics))
         fields.append(("queued", f"{counts.queued} messages"))
+    elif remote:
+        fields.append(("registry", NO_REMOTE_COUNTS))
     else:
         fields.append(("store", "unreadable (see the error below)"))
     print_fields(fields)

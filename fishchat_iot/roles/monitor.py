@@ -1,5 +1,7 @@
 """The monitor role: a dashboard page, a JSON API, Prometheus ``/metrics`` and health
-endpoints over HTTP (docs/monitor.md), on the roles of an ``EmbeddedApp``.
+endpoints over HTTP (docs/monitor.md), reading a ``MonitorSource``: the roles of an
+``EmbeddedApp`` (``EmbeddedSource``, in ``fishchat-iot up``) or the whole cluster
+(``roles/monitor_cluster.py``, ``fishchat-iot run monitor``).
 
 Access: operator tokens (``fishchat-iot operator add NAME``) kept as SHA-256 hashes in
 ``{data_dir}/operators.json`` (mode 0600), sent as ``Authorization: Bearer`` or, after
@@ -11,6 +13,7 @@ rewritten at every start) to ask the API.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import hashlib
@@ -20,12 +23,15 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fishchat_iot import __version__, errors
+from fishchat_iot.bus.base import BusUnavailable
+from fishchat_iot.config import Settings
 from fishchat_iot.roles.manager import now_ms
 from fishchat_iot.roles.monitor_http import (
     HttpServer,
@@ -34,8 +40,14 @@ from fishchat_iot.roles.monitor_http import (
     error_response,
     json_response,
 )
-from fishchat_iot.roles.monitor_metrics import Exposition, Ring, Series, process_stats
-from fishchat_iot.stores.base import NotFound, StoreUnavailable
+from fishchat_iot.roles.monitor_metrics import (
+    Exposition,
+    Histogram,
+    Ring,
+    Series,
+    process_stats,
+)
+from fishchat_iot.stores.base import NotFound, Store, StoreUnavailable
 
 if TYPE_CHECKING:
     from fishchat_iot.app import EmbeddedApp
@@ -144,11 +156,263 @@ class _Operators:
         return len(self._by_hash)
 
 
-class Monitor:
+@dataclass
+class Figures:
+    """One msg_server's counters, as the totals and ``/metrics`` add them up."""
+
+    sessions_by_transport: dict[str, int] = field(default_factory=dict)
+    msgs_in: int = 0
+    msgs_out: int = 0
+    msgs_queued: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    auth_failures: int = 0
+
+
+class MonitorSource(abc.ABC):
+    """Where the monitor's figures come from: the roles of this process
+    (``EmbeddedSource``) or the whole cluster through the bus and the store
+    (``roles/monitor_cluster.ClusterSource``). The HTTP server, access control, the
+    API's paging and the metrics format are the monitor's, the same for both."""
+
+    settings: Settings
+    store: Store
+    started_ms: int
+    mon: Monitor
+
+    async def start(self, mon: Monitor) -> None:
+        """Begin feeding ``mon.refused`` (and ``mon.errors``, beyond this process's log)."""
+        self.mon = mon
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """Stop what ``start`` began."""
+
+    @abc.abstractmethod
+    async def sample(self, series: Series) -> bool:
+        """Refresh the figures (once a second) and add a point to ``series`` (msgs/s in
+        and out, sessions: the charts); False when there was nothing to sample (no
+        msg_server yet, the bus unreachable)."""
+
+    @abc.abstractmethod
+    def figures(self) -> list[tuple[dict[str, str], Figures]]:
+        """Per msg_server: its ``/metrics`` labels and its counters."""
+
+    def latency(self) -> Histogram | None:
+        return None
+
+    @abc.abstractmethod
+    def online_count(self) -> int: ...
+
+    @abc.abstractmethod
+    async def sessions_for(self, device_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The live sessions of these devices: id -> ``{node, address, since_ms,
+        transport, last_seen_ms, inflight}`` (``None`` for what is not known)."""
+
+    def last_seen(self, device_id: str) -> int | None:
+        """When an offline device was last seen, if known."""
+        return None
+
+    def topic_traffic(self) -> dict[str, int]:
+        return {}
+
+    @abc.abstractmethod
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Every node, for ``/api/nodes`` (may read the registry)."""
+
+    @abc.abstractmethod
+    def status_base(self) -> dict[str, Any]:
+        """``/api/status`` without the monitor's own fields: pid, version, listeners,
+        ``nodes`` (from the last sample)."""
+
+    @abc.abstractmethod
+    def ready(self) -> tuple[bool, dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def revoke(self, device_id: str) -> None:
+        """Revoke in the registry and close its sessions; raises NotFound,
+        StoreUnavailable."""
+
+    @abc.abstractmethod
+    async def kick(self, device_id: str) -> str | None:
+        """Close the device's session; the node it was on, or None if it has none."""
+
+    def extra_metrics(self, ex: Exposition) -> None:  # noqa: B027 - optional hook
+        """Families only this source has."""
+
+
+class EmbeddedSource(MonitorSource):
+    """The roles of one ``EmbeddedApp`` (``fishchat-iot up``): its msg_server's sessions
+    and counters, read directly."""
+
     def __init__(self, app: EmbeddedApp) -> None:
         self.app = app
-        self.settings = app.settings.monitor
-        self.data_dir = app.settings.data_dir
+        self.settings = app.settings
+        self.store = app.store
+        self.started_ms = app.started_ms
+        self._last_seen: dict[str, int] = {}
+
+    async def start(self, mon: Monitor) -> None:
+        await super().start(mon)
+        if self.app.msg_server is not None:
+            self.app.msg_server.on_login_refused.append(self._login_refused)
+
+    def _login_refused(self, s: Session, device_id: str, code: str, text: str) -> None:
+        self.mon.refused.add(
+            device_id=device_id[:64], code=code, text=text, transport=s.transport_name
+        )
+
+    async def sample(self, series: Series) -> bool:
+        ms = self.app.msg_server
+        if ms is None:
+            return False
+        series.sample(ms.msgs_in, ms.msgs_out, len(ms.sessions))
+        now_mono, now = time.monotonic(), now_ms()
+        for device_id, s in ms.sessions.items():
+            self._last_seen[device_id] = now - int((now_mono - s.last_seen) * 1000)
+        return True
+
+    def figures(self) -> list[tuple[dict[str, str], Figures]]:
+        ms = self.app.msg_server
+        if ms is None:
+            return []
+        by_transport: dict[str, int] = {}
+        for s in ms.sessions.values():
+            by_transport[s.transport_name] = by_transport.get(s.transport_name, 0) + 1
+        return [
+            (
+                {},
+                Figures(
+                    by_transport,
+                    ms.msgs_in,
+                    ms.msgs_out,
+                    ms.msgs_queued,
+                    dict(ms.dropped),
+                    ms.auth_failures,
+                ),
+            )
+        ]
+
+    def latency(self) -> Histogram | None:
+        return self.app.msg_server.latency if self.app.msg_server is not None else None
+
+    def online_count(self) -> int:
+        return len(self.app.msg_server.sessions) if self.app.msg_server is not None else 0
+
+    async def sessions_for(self, device_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        ms = self.app.msg_server
+        if ms is None:
+            return {}
+        now_mono, now = time.monotonic(), now_ms()
+        out = {}
+        for device_id in device_ids:
+            s = ms.sessions.get(device_id)
+            if s is not None:
+                out[device_id] = {
+                    "node": ms.node_id,
+                    "address": ms.address,
+                    "since_ms": s.logged_in_ms,
+                    "transport": s.transport_name,
+                    "last_seen_ms": now - int((now_mono - s.last_seen) * 1000),
+                    "inflight": len(s.inflight),
+                }
+        return out
+
+    def last_seen(self, device_id: str) -> int | None:
+        return self._last_seen.get(device_id)
+
+    def topic_traffic(self) -> dict[str, int]:
+        return self.app.msg_server.topic_msgs if self.app.msg_server is not None else {}
+
+    def local_node(self) -> dict[str, Any] | None:
+        ms = self.app.msg_server
+        if ms is None:
+            return None
+        rate_in, rate_out = self.mon.series.last()
+        return {
+            "node_id": ms.node_id,
+            "role": "msg_server",
+            "address": ms.address,
+            "started_ms": ms.started_ms,
+            "updated_ms": now_ms(),
+            "sessions": len(ms.sessions),
+            "msgs_in": ms.msgs_in,
+            "msgs_out": ms.msgs_out,
+            "msgs_in_per_s": round(rate_in, 2),
+            "msgs_out_per_s": round(rate_out, 2),
+            "queued": sum(self.mon.queue_depths.values()),
+            "health": "ok",
+            "local": True,
+        }
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """This process's node, then every other live node in the node registry."""
+        out = []
+        local = self.local_node()
+        if local is not None:
+            out.append(local)
+        try:
+            others = await self.app.bus.live_nodes("msg_server")
+        except Exception as exc:
+            log.warning("monitor: cannot read the node registry: %s", exc)
+            others = []
+        now = now_ms()
+        for n in others:
+            if local is not None and n.node_id == local["node_id"]:
+                continue
+            age = now - n.updated_ms if n.updated_ms else 0
+            out.append(
+                {
+                    "node_id": n.node_id,
+                    "role": n.role,
+                    "address": n.address,
+                    "started_ms": n.started_ms,
+                    "updated_ms": n.updated_ms,
+                    "sessions": n.sessions,
+                    "msgs_in": n.msgs_in,
+                    "msgs_out": n.msgs_out,
+                    "msgs_in_per_s": None,
+                    "msgs_out_per_s": None,
+                    "queued": None,
+                    "health": "stale" if age > NODE_STALE_MS else "ok",
+                    "local": False,
+                }
+            )
+        return out
+
+    def status_base(self) -> dict[str, Any]:
+        doc = self.app.status()
+        doc["nodes"] = [n for n in [self.local_node()] if n is not None]
+        return doc
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        ready = self.app.msg_server is not None and self.app.msg_listener.port > 0
+        return ready, {"msg_server": ready}
+
+    async def revoke(self, device_id: str) -> None:
+        await self.store.revoke_device(device_id, now_ms())
+        self.app.manager.invalidate()
+        if self.app.msg_server is not None:
+            self.app.msg_server.revoked(device_id)
+
+    async def kick(self, device_id: str) -> str | None:
+        ms = self.app.msg_server
+        s = ms.sessions.get(device_id) if ms is not None else None
+        if ms is None or s is None:
+            return None
+        s.drop(errors.UNAVAILABLE, "session closed by an operator")
+        ms.session_closed(s)
+        return ms.node_id
+
+
+class Monitor:
+    """The monitor's HTTP side on a ``MonitorSource``; ``Monitor(app)`` is the embedded
+    one (an ``EmbeddedApp`` is wrapped in an ``EmbeddedSource``)."""
+
+    def __init__(self, source: MonitorSource | EmbeddedApp) -> None:
+        if not isinstance(source, MonitorSource):
+            source = EmbeddedSource(source)
+        self.source = source
+        self.settings = source.settings.monitor
+        self.data_dir = source.settings.data_dir
         self.operators = _Operators(operators_path(self.data_dir))
         self.local_token = secrets.token_urlsafe(32)
         self.http = HttpServer(self.handle, self.settings.host, self.settings.port)
@@ -159,14 +423,13 @@ class Monitor:
                 self.handle_open, host, self.settings.metrics_port, "metrics"
             )
         self.series = Series(SAMPLE_PERIOD)
-        self.errors = Ring(200)  # warnings and errors from the log
+        self.errors = Ring(200)  # warnings and errors from the log (and other nodes)
         self.refused = Ring(200)  # refused device logins
         self.actions = Ring(100)  # operator actions
         self.operator_failures = 0
+        self.queue_depths: dict[str, int] = {}  # device -> offline queue depth
         self._sessions: dict[str, tuple[str, float]] = {}  # cookie -> (operator, expires)
         self._failures: dict[str, tuple[int, float]] = {}  # peer -> (count, locked until)
-        self._last_seen: dict[str, int] = {}
-        self._queue_depths: dict[str, int] = {}
         self._queues_read = -QUEUE_PERIOD
         self._devices_cache: tuple[float, list[Any]] = (0.0, [])
         self._tick: asyncio.Future[None] | None = None
@@ -193,8 +456,7 @@ class Monitor:
             raise
         write_private(self.data_dir / LOCAL_TOKEN_FILE, self.local_token + "\n")
         logging.getLogger().addHandler(self._log_handler)
-        if self.app.msg_server is not None:
-            self.app.msg_server.on_login_refused.append(self._login_refused)
+        await self.source.start(self)
         self._tick = asyncio.get_running_loop().create_future()
         self._task = asyncio.get_running_loop().create_task(self._sampler(), name="monitor")
 
@@ -204,14 +466,12 @@ class Monitor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self.source.stop()
         await self.http.stop()
         if self.metrics_http is not None:
             await self.metrics_http.stop()
         with contextlib.suppress(OSError):
             (self.data_dir / LOCAL_TOKEN_FILE).unlink()
-
-    def _login_refused(self, s: Session, device_id: str, code: str, text: str) -> None:
-        self.refused.add(device_id=device_id[:64], code=code, text=text, transport=s.transport_name)
 
     async def _sampler(self) -> None:
         while True:
@@ -225,17 +485,13 @@ class Monitor:
             await asyncio.sleep(SAMPLE_PERIOD)
 
     async def _sample(self) -> None:
-        ms = self.app.msg_server
-        if ms is None:
-            return
-        self.series.sample(ms.msgs_in, ms.msgs_out, len(ms.sessions))
-        now_mono, now = time.monotonic(), now_ms()
-        for device_id, s in ms.sessions.items():
-            self._last_seen[device_id] = now - int((now_mono - s.last_seen) * 1000)
+        # Queues first: the cluster source splits them over the nodes as it samples.
+        now_mono = time.monotonic()
         if now_mono - self._queues_read >= QUEUE_PERIOD:
             self._queues_read = now_mono
             with contextlib.suppress(StoreUnavailable):
-                self._queue_depths = await self.app.store.queue_depths()
+                self.queue_depths = await self.source.store.queue_depths()
+        await self.source.sample(self.series)
 
     # -- auth ----------------------------------------------------------------------
     def _locked(self, peer: str) -> float:
@@ -351,14 +607,16 @@ class Monitor:
             return await self._action(req, operator)
         if method not in ("GET", "HEAD"):
             return error_response(405, "method not allowed")
-        return await self._api_get(req, operator)
+        try:
+            return await self._api_get(req, operator)
+        except BusUnavailable as exc:  # the cluster monitor asks the bus for presence
+            return error_response(503, f"bus unavailable: {exc}")
 
     def _health(self, path: str) -> Response:
         if path == "/healthz":
             return json_response({"status": "ok"})
-        ms = self.app.msg_server
-        ready = ms is not None and self.app.msg_listener.port > 0
-        doc = {"status": "ready" if ready else "starting", "msg_server": ready}
+        ready, parts = self.source.ready()
+        doc = {"status": "ready" if ready else "starting", **parts}
         return json_response(doc, 200 if ready else 503)
 
     async def _api_get(self, req: Request, operator: str) -> Response:
@@ -368,7 +626,7 @@ class Monitor:
         if path == "/api/whoami":
             return json_response({"operator": operator})
         if path == "/api/nodes":
-            return json_response({"nodes": await self.nodes()})
+            return json_response({"nodes": await self.source.nodes()})
         if path == "/api/devices":
             return json_response(await self.devices(req.query))
         if path == "/api/topics":
@@ -405,29 +663,28 @@ class Monitor:
         if len(parts) == 4 and parts[:2] == ["api", "devices"] and parts[3] == "revoke":
             device_id = parts[2]
             try:
-                await self.app.store.revoke_device(device_id, now_ms())
+                await self.source.revoke(device_id)
             except NotFound:
                 return error_response(404, f"no device {device_id!r}")
             except StoreUnavailable as exc:
                 return error_response(503, f"store unavailable: {exc}")
+            except BusUnavailable as exc:
+                return error_response(503, f"bus unavailable: {exc}")
             self._devices_cache = (0.0, [])
-            self.app.manager.invalidate()
-            if self.app.msg_server is not None:
-                self.app.msg_server.revoked(device_id)
             self.actions.add(operator=operator, action="revoke", device_id=device_id)
             log.warning("operator %s revoked device %s", operator, device_id)
             return json_response({"revoked": device_id})
         if len(parts) == 4 and parts[:2] == ["api", "sessions"] and parts[3] == "kick":
             device_id = parts[2]
-            ms = self.app.msg_server
-            s = ms.sessions.get(device_id) if ms is not None else None
-            if ms is None or s is None:
+            try:
+                node = await self.source.kick(device_id)
+            except BusUnavailable as exc:
+                return error_response(503, f"bus unavailable: {exc}")
+            if node is None:
                 return error_response(404, f"device {device_id!r} has no session here")
-            s.drop(errors.UNAVAILABLE, "session closed by an operator")
-            ms.session_closed(s)
             self.actions.add(operator=operator, action="kick", device_id=device_id)
             log.info("operator %s closed the session of %s", operator, device_id)
-            return json_response({"kicked": device_id})
+            return json_response({"kicked": device_id, "node": node})
         return error_response(404, f"no such action {req.path}")
 
     async def _stream(self) -> AsyncIterator[bytes]:
@@ -446,88 +703,35 @@ class Monitor:
 
     # -- the data --------------------------------------------------------------------
     def totals(self) -> dict[str, Any]:
-        ms = self.app.msg_server
-        if ms is None:
+        rows = self.source.figures()
+        if not rows:
             return {}
         by_transport: dict[str, int] = {}
-        for s in ms.sessions.values():
-            by_transport[s.transport_name] = by_transport.get(s.transport_name, 0) + 1
+        dropped: dict[str, int] = {}
+        for _, f in rows:
+            for t, n in f.sessions_by_transport.items():
+                by_transport[t] = by_transport.get(t, 0) + n
+            for r, n in f.dropped.items():
+                dropped[r] = dropped.get(r, 0) + n
         rate_in, rate_out = self.series.last()
         return {
-            "sessions": len(ms.sessions),
+            "sessions": sum(by_transport.values()),
             "sessions_by_transport": by_transport,
-            "msgs_in": ms.msgs_in,
-            "msgs_out": ms.msgs_out,
-            "msgs_queued": ms.msgs_queued,
-            "dropped": dict(ms.dropped),
-            "auth_failures": ms.auth_failures,
+            "msgs_in": sum(f.msgs_in for _, f in rows),
+            "msgs_out": sum(f.msgs_out for _, f in rows),
+            "msgs_queued": sum(f.msgs_queued for _, f in rows),
+            "dropped": dropped,
+            "auth_failures": sum(f.auth_failures for _, f in rows),
             "operator_auth_failures": self.operator_failures,
             "msgs_in_per_s": round(rate_in, 2),
             "msgs_out_per_s": round(rate_out, 2),
-            "queued_now": sum(self._queue_depths.values()),
+            "queued_now": sum(self.queue_depths.values()),
             "refused_logins": self.refused.total,
             "errors": self.errors.total,
         }
 
-    def local_node(self) -> dict[str, Any] | None:
-        ms = self.app.msg_server
-        if ms is None:
-            return None
-        rate_in, rate_out = self.series.last()
-        return {
-            "node_id": ms.node_id,
-            "role": "msg_server",
-            "address": ms.address,
-            "started_ms": ms.started_ms,
-            "updated_ms": now_ms(),
-            "sessions": len(ms.sessions),
-            "msgs_in": ms.msgs_in,
-            "msgs_out": ms.msgs_out,
-            "msgs_in_per_s": round(rate_in, 2),
-            "msgs_out_per_s": round(rate_out, 2),
-            "queued": sum(self._queue_depths.values()),
-            "health": "ok",
-            "local": True,
-        }
-
-    async def nodes(self) -> list[dict[str, Any]]:
-        """This process's node, then every other live node in the node registry."""
-        out = []
-        local = self.local_node()
-        if local is not None:
-            out.append(local)
-        try:
-            others = await self.app.bus.live_nodes("msg_server")
-        except Exception as exc:
-            log.warning("monitor: cannot read the node registry: %s", exc)
-            others = []
-        now = now_ms()
-        for n in others:
-            if local is not None and n.node_id == local["node_id"]:
-                continue
-            age = now - n.updated_ms if n.updated_ms else 0
-            out.append(
-                {
-                    "node_id": n.node_id,
-                    "role": n.role,
-                    "address": n.address,
-                    "started_ms": n.started_ms,
-                    "updated_ms": n.updated_ms,
-                    "sessions": n.sessions,
-                    "msgs_in": n.msgs_in,
-                    "msgs_out": n.msgs_out,
-                    "msgs_in_per_s": None,
-                    "msgs_out_per_s": None,
-                    "queued": None,
-                    "health": "stale" if age > NODE_STALE_MS else "ok",
-                    "local": False,
-                }
-            )
-        return out
-
     def status_doc(self) -> dict[str, Any]:
-        doc = self.app.status()
-        doc["nodes"] = [n for n in [self.local_node()] if n is not None]
+        doc = self.source.status_base()
         doc["totals"] = self.totals()
         doc["monitor"] = self.address
         doc["source"] = "monitor"
@@ -539,13 +743,11 @@ class Monitor:
         at, cached = self._devices_cache
         if time.monotonic() - at < 1.0 and cached:
             return cached
-        records = await self.app.store.list_devices()
+        records = await self.source.store.list_devices()
         self._devices_cache = (time.monotonic(), records)
         return records
 
     async def devices(self, query: dict[str, str]) -> dict[str, Any]:
-        ms = self.app.msg_server
-        sessions = ms.sessions if ms is not None else {}
         q = query.get("q", "").strip().lower()
         only = query.get("state", "")  # "", "online", "offline", "revoked"
         page = _int_arg(query, "page", 1, 1, 10**9)
@@ -554,36 +756,36 @@ class Monitor:
             records = await self._device_records()
         except StoreUnavailable as exc:
             return {"error": f"store unavailable: {exc}", "devices": [], "total": 0}
-        rows = []
-        for rec in records:
-            if q and q not in rec.id.lower():
-                continue
-            s = sessions.get(rec.id)
-            state = "revoked" if rec.revoked else ("online" if s is not None else "offline")
-            if only and state != only:
-                continue
-            rows.append((rec, s, state))
+        rows = [rec for rec in records if not q or q in rec.id.lower()]
+        live: dict[str, dict[str, Any]] = {}
+        if only in ("online", "offline"):
+            # The filter needs every candidate's presence (the cluster asks the bus).
+            live = await self.source.sessions_for([r.id for r in rows if not r.revoked])
+        if only:
+            rows = [r for r in rows if _state(r, live) == only]
         total = len(rows)
         start = (page - 1) * per_page
-        now_mono, now = time.monotonic(), now_ms()
+        shown = rows[start : start + per_page]
+        if only not in ("online", "offline"):
+            live = await self.source.sessions_for([r.id for r in shown])
         out = []
-        for rec, s, state in rows[start : start + per_page]:
-            last_seen = self._last_seen.get(rec.id)
-            if s is not None:
-                last_seen = now - int((now_mono - s.last_seen) * 1000)
+        for rec in shown:
+            s = live.get(rec.id)
             out.append(
                 {
                     "id": rec.id,
-                    "state": state,
+                    "state": _state(rec, live),
                     "online": s is not None,
-                    "node": ms.node_id if s is not None and ms is not None else None,
-                    "address": ms.address if s is not None and ms is not None else None,
-                    "since_ms": s.logged_in_ms if s is not None else None,
-                    "transport": s.transport_name if s is not None else None,
+                    "node": s["node"] if s is not None else None,
+                    "address": s["address"] if s is not None else None,
+                    "since_ms": s["since_ms"] if s is not None else None,
+                    "transport": s["transport"] if s is not None else None,
                     "v1": rec.v1,
-                    "last_seen_ms": last_seen,
-                    "queued": self._queue_depths.get(rec.id, 0),
-                    "inflight": len(s.inflight) if s is not None else 0,
+                    "last_seen_ms": s["last_seen_ms"]
+                    if s is not None
+                    else self.source.last_seen(rec.id),
+                    "queued": self.queue_depths.get(rec.id, 0),
+                    "inflight": (s["inflight"] or 0) if s is not None else 0,
                     "revoked": rec.revoked,
                     "revoked_ms": rec.revoked_ms or None,
                     "created_ms": rec.created_ms,
@@ -592,7 +794,7 @@ class Monitor:
         return {
             "total": total,
             "registered": len(records),
-            "online": len(sessions),
+            "online": self.source.online_count(),
             "page": page,
             "per_page": per_page,
             "pages": max(1, -(-total // per_page)),
@@ -600,18 +802,19 @@ class Monitor:
         }
 
     async def topics(self, query: dict[str, str]) -> dict[str, Any]:
-        ms = self.app.msg_server
-        traffic = ms.topic_msgs if ms is not None else {}
-        sessions = ms.sessions if ms is not None else {}
+        traffic = self.source.topic_traffic()
         q = query.get("q", "").strip().lower()
         page = _int_arg(query, "page", 1, 1, 10**9)
         per_page = _int_arg(query, "per_page", 50, 1, MAX_PER_PAGE)
         try:
-            topics = await self.app.store.list_topics()
+            topics = await self.source.store.list_topics()
         except StoreUnavailable as exc:
             return {"error": f"store unavailable: {exc}", "topics": [], "total": 0}
         rows = [t for t in topics if not q or q in t.name.lower()]
         start = (page - 1) * per_page
+        shown = rows[start : start + per_page]
+        members = sorted({m for t in shown for m in t.members})
+        live = await self.source.sessions_for(members)
         return {
             "total": len(rows),
             "page": page,
@@ -623,18 +826,17 @@ class Monitor:
                     "owner": t.owner,
                     "open": t.open,
                     "members": len(t.members),
-                    "members_online": sum(1 for m in t.members if m in sessions),
+                    "members_online": sum(1 for m in t.members if m in live),
                     "messages": traffic.get(t.name, 0),
                     "created_ms": t.created_ms,
                 }
-                for t in rows[start : start + per_page]
+                for t in shown
             ],
         }
 
     def metrics_text(self) -> str:
         ex = Exposition()
-        ms = self.app.msg_server
-        totals = self.totals()
+        rows = self.source.figures()
         ex.family("fishchat_up", "gauge", "1 while the server runs.", [({}, 1)])
         ex.family(
             "fishchat_build_info",
@@ -642,63 +844,72 @@ class Monitor:
             "Version of this server.",
             [({"version": __version__}, 1)],
         )
-        by_transport = totals.get("sessions_by_transport", {})
+        self.source.extra_metrics(ex)
         ex.family(
             "fishchat_sessions",
             "gauge",
             "Logged-in device sessions, by transport.",
-            [({"transport": t}, n) for t, n in sorted(by_transport.items())] or [({}, 0)],
+            [
+                ({**labels, "transport": t}, n)
+                for labels, f in rows
+                for t, n in sorted(f.sessions_by_transport.items())
+            ]
+            or [(labels, 0) for labels, _ in rows]
+            or [({}, 0)],
         )
         ex.family(
             "fishchat_messages_accepted_total",
             "counter",
             "Messages accepted from devices (ACCEPTED sent).",
-            [({}, totals.get("msgs_in", 0))],
+            [(labels, f.msgs_in) for labels, f in rows] or [({}, 0)],
         )
         ex.family(
             "fishchat_messages_delivered_total",
             "counter",
             "Deliveries written to device sessions (live or from the offline queue).",
-            [({}, totals.get("msgs_out", 0))],
+            [(labels, f.msgs_out) for labels, f in rows] or [({}, 0)],
         )
         ex.family(
             "fishchat_messages_queued_total",
             "counter",
             "Messages stored in offline queues (including unacked ones put back).",
-            [({}, totals.get("msgs_queued", 0))],
+            [(labels, f.msgs_queued) for labels, f in rows] or [({}, 0)],
         )
-        dropped = totals.get("dropped", {})
         ex.family(
             "fishchat_messages_dropped_total",
             "counter",
             "Sends refused, by reason (the error code the sender got).",
-            [({"reason": r}, n) for r, n in sorted(dropped.items())]
+            [
+                ({**labels, "reason": r}, n)
+                for labels, f in rows
+                for r, n in sorted(f.dropped.items())
+            ]
+            or [({**labels, "reason": errors.QUEUE_FULL}, 0) for labels, _ in rows]
             or [({"reason": errors.QUEUE_FULL}, 0)],
         )
         ex.family(
             "fishchat_offline_queue_messages",
             "gauge",
             "Messages waiting in offline queues now.",
-            [({}, totals.get("queued_now", 0))],
+            [({}, sum(self.queue_depths.values()))],
         )
         ex.family(
             "fishchat_auth_failures_total",
             "counter",
             "Refused logins, by who tried: devices or monitor operators.",
-            [
-                ({"kind": "device"}, totals.get("auth_failures", 0)),
-                ({"kind": "operator"}, self.operator_failures),
-            ],
+            [({**labels, "kind": "device"}, f.auth_failures) for labels, f in rows]
+            + [({"kind": "operator"}, self.operator_failures)],
         )
-        if ms is not None:
+        latency = self.source.latency()
+        if latency is not None:
             ex.histogram(
                 "fishchat_delivery_latency_seconds",
                 "From accepted to written to the recipient (queued time included).",
-                ms.latency,
+                latency,
                 scale=0.001,
             )
         proc = process_stats()
-        start_s = self.app.started_ms / 1000.0
+        start_s = self.source.started_ms / 1000.0
         ex.family(
             "process_cpu_seconds_total",
             "counter",
@@ -726,6 +937,12 @@ class Monitor:
             "process_start_time_seconds", "gauge", "Start time, Unix seconds.", [({}, start_s)]
         )
         return ex.text()
+
+
+def _state(rec: Any, live: dict[str, dict[str, Any]]) -> str:
+    if rec.revoked:
+        return "revoked"
+    return "online" if rec.id in live else "offline"
 
 
 PROM_TYPE = "text/plain; version=0.0.4; charset=utf-8"

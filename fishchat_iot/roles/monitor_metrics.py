@@ -75,8 +75,12 @@ class Series:
             dt = max(now - t0, 1e-6)
             rate_in, rate_out = (msgs_in - in0) / dt, (msgs_out - out0) / dt
         self._last = (now, msgs_in, msgs_out)
-        self.points.append((int(time.time() * 1000), rate_in, rate_out, sessions))
+        self.record(rate_in, rate_out, sessions)
         return rate_in, rate_out
+
+    def record(self, rate_in: float, rate_out: float, sessions: int) -> None:
+        """Record a point of rates measured elsewhere (the cluster's heartbeats)."""
+        self.points.append((int(time.time() * 1000), rate_in, rate_out, sessions))
 
     def last(self) -> tuple[float, float]:
         if not self.points:

@@ -156,6 +156,9 @@ class MsgServer:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
     def node_info(self) -> NodeInfo:
+        # stats: for the cluster monitor, once attach_cluster_reporting was called.
+        from fishchat_iot.roles.monitor_cluster import cluster_stats
+
         return NodeInfo(
             node_id=self.node_id,
             role="msg_server",
@@ -164,6 +167,7 @@ class MsgServer:
             sessions=len(self.sessions),
             msgs_in=self.msgs_in,
             msgs_out=self.msgs_out,
+            stats=cluster_stats(self),
         )
 
     async def heartbeat(self) -> None:
