@@ -112,6 +112,10 @@ class EmbeddedApp:
             self.msg_server = MsgServer(
                 self.settings, self.bus, self.manager, self.router, node_id, address
             )
+            if self.settings.bus.backend != "local":
+                from fishchat_iot.roles.monitor_cluster import attach_cluster_reporting
+
+                attach_cluster_reporting(self.msg_server, self.bus)
             await self.msg_server.start()
             self.bus.on_event(self.msg_server.on_event)
             await self._start_tls()
@@ -246,6 +250,9 @@ class EmbeddedApp:
         await self.msg_listener.stop()
         if self.msg_server is not None:
             await self.msg_server.stop()
+            from fishchat_iot.roles.monitor_cluster import detach_cluster_reporting
+
+            detach_cluster_reporting(self.msg_server)
         await self.manager.stop()
         await self.bus.close()
         await self.store.close()

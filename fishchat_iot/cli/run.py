@@ -166,7 +166,9 @@ def _make_role(role: str, settings: Settings) -> Any:
         from fishchat_iot.roles.manager_node import ManagerNode
 
         return ManagerNode(settings)
-    raise CliError("run monitor: the cluster monitor is not built yet")
+    from fishchat_iot.roles.monitor_cluster import MonitorNode
+
+    return MonitorNode(settings)
 
 
 def _describe(role: str, node: Any) -> dict[str, Any]:

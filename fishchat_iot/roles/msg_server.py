@@ -179,6 +179,7 @@ class MsgServer:
         keepalive = self.settings.tcp.keepalive
         period = max(0.05, min(1.0, keepalive / 4))
         last_beat = 0.0
+        bus_down = False
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
@@ -201,7 +202,27 @@ class MsgServer:
                     await self.heartbeat()
                     self.router.routers_alive = bool(await self.bus.live_nodes(ROUTER_ROLE))
                 except Exception as exc:
-                    log.warning("node heartbeat failed: %s", exc)
+                    if not bus_down:
+                        log.warning("node heartbeat failed: %s", exc)
+                    bus_down = True
+                    continue
+                if bus_down:
+                    bus_down = False
+                    log.warning("node heartbeat: the bus is reachable again")
+                    self.spawn(self._reread_queued(), "after-outage")
+
+    async def _reread_queued(self) -> None:
+        """After a bus outage: messages for devices held here may have gone to their
+        offline queues meanwhile (this node looked dead to its peers, and pokes could
+        not reach it): feed every session with a non-empty queue from it again."""
+        try:
+            depths = await self.manager.store.queue_depths()
+        except StoreUnavailable as exc:
+            log.warning("cannot look for queued messages after the outage: %s", exc)
+            return
+        for device_id, depth in depths.items():
+            if depth and device_id in self.sessions:
+                self.poked(device_id)
 
     # -- output batching -----------------------------------------------------------
     def schedule_flush(self, s: Session) -> None:

@@ -72,11 +72,16 @@ class RouterNode(RoleNode):
                 delay = min(delay * 2, 2.0)
 
     async def _claim_forever(self) -> None:
+        # A node counts as dead when two looks in a row (CLAIM_PERIOD apart) find its
+        # heartbeat expired: right after Redis restarted, every liveness key may have
+        # expired during the outage, and the live nodes beat again within 2 s.
+        suspects: set[str] = set()
         while True:
             await asyncio.sleep(CLAIM_PERIOD)
             try:
-                dead = await self.bus.dead_nodes("msg_server")
-                for node_id in dead:
+                expired = set(await self.bus.dead_nodes("msg_server"))
+                dead, suspects = expired & suspects, expired
+                for node_id in sorted(dead):
                     n = await self.bus.claim_inbox(node_id, self.route, consumer=self.node_id)
                     self.claimed += n
                     if n:

@@ -5,9 +5,8 @@ offline device delivered when it comes back on the other node."""
 from __future__ import annotations
 
 import asyncio
-import time
 
-from support.cluster import Cluster
+from support.cluster import Cluster, until
 
 from firmware_sim.tcp_device import TcpDevice
 
@@ -21,6 +20,7 @@ async def _recv_texts(dev: TcpDevice, n: int, timeout: float = 15.0) -> list[str
 
 
 def test_p2p_both_ways_and_a_topic_across_nodes(cluster: Cluster) -> None:
+    ops = cluster.operator()
     cluster.start()
     tokens = cluster.register("a", "b", "c", "d")
     cluster.topic("room", "a", ["a", "b", "c"])
@@ -52,7 +52,20 @@ def test_p2p_both_ways_and_a_topic_across_nodes(cluster: Cluster) -> None:
     asyncio.run(scenario())
     # The members on the other node were the router's to reach (seen at its next
     # heartbeat).
-    deadline = time.monotonic() + 10
-    while cluster.stats("router")["routed"] < 2:
-        assert time.monotonic() < deadline, cluster.stats("router")
-        time.sleep(0.2)
+    until(lambda: cluster.stats("router")["routed"] >= 2, "the router routed the topic")
+
+    # One monitor shows every node of the cluster, with the messages each took in: a's
+    # p2p to b and d and its topic message on one, b's p2p and topic on the other.
+    def nodes() -> dict[str, dict[str, object]]:
+        return {n["node_id"]: n for n in cluster.api("/api/nodes", ops)["nodes"]}
+
+    until(
+        lambda: (
+            nodes()["msg_server.19000"]["msgs_in"] == 3
+            and nodes()["msg_server.19001"]["msgs_in"] == 2
+        ),
+        "the monitor shows each msg_server's messages",
+    )
+    seen = nodes()
+    assert {"gateway", "msg_server.19000", "msg_server.19001", "router", "manager"} <= set(seen)
+    assert all(n["health"] == "ok" for n in seen.values()), seen

@@ -16,6 +16,7 @@ import selectors
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from support.server import _LIVE, CLI, ServerError, cli_env
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MSG_SERVERS = ("msg_server.19000", "msg_server.19001")
-ALL_ROLES = ("gateway", *MSG_SERVERS, "router", "manager")
+ALL_ROLES = ("gateway", *MSG_SERVERS, "router", "manager", "monitor")
 # Bus timers for tests: a node is dead 3 s after its last heartbeat (every 2 s), a
 # dead node's devices stop looking present after 6 s, a stuck inbox entry is taken
 # over after 5 s.
@@ -38,6 +39,18 @@ FAST_BUS = {"NODE_TTL": "3", "PRESENCE_TTL": "6", "CLAIM_IDLE": "5"}
 
 def _role_of(name: str) -> str:
     return "msg-server" if name.startswith("msg_server") else name
+
+
+def until(check: Any, what: str, timeout: float = 15.0) -> Any:
+    """Poll ``check()`` until it returns something true (heartbeats come every 2 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.2)
 
 
 class RoleProcess:
@@ -134,7 +147,8 @@ class RoleProcess:
 
 
 class Cluster:
-    """gateway, two msg_servers, router and manager on ``redis_url`` and ``mongo_url``."""
+    """gateway, two msg_servers, router, manager and monitor on ``redis_url`` and
+    ``mongo_url``."""
 
     def __init__(
         self,
@@ -171,6 +185,8 @@ class Cluster:
                 env["FISHCHAT_TCP_GATEWAY_PORT"] = str(free_port())
             elif name in MSG_SERVERS:
                 env["FISHCHAT_TCP_MSG_PORT"] = str(free_port())
+            elif name == "monitor":
+                env["FISHCHAT_MONITOR_PORT"] = str(free_port())
             self.roles[name] = RoleProcess(root, name, env)
 
     def nodes(self) -> dict[str, dict[str, Any]]:
@@ -222,14 +238,31 @@ class Cluster:
         return "\n".join(f"--- {name} ---\n{r.log_tail(60)}" for name, r in self.roles.items())
 
     # -- the registry, as an operator sets it up ----------------------------------------
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """``fishchat-iot --config configs/manager.toml ARGS`` against this cluster."""
-        argv = [*CLI, "--config", str(CONFIGS / "manager.toml"), *args]
-        env = dict(self.env, FISHCHAT_NODE_DATA_DIR=str(self.root / "cli"))
+    def cli(self, *args: str, role: str = "manager") -> subprocess.CompletedProcess[str]:
+        """``fishchat-iot --config configs/<role>.toml ARGS`` against this cluster, in
+        that role's data directory (``role="monitor"`` for ``operator add``)."""
+        argv = [*CLI, "--config", str(CONFIGS / f"{role}.toml"), *args]
+        env = dict(self.env, FISHCHAT_NODE_DATA_DIR=str(self.root / role))
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
         if proc.returncode != 0:
             raise ServerError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr}")
         return proc
+
+    def operator(self, name: str = "ops") -> str:
+        """An operator token for the cluster's monitor."""
+        token: str = json.loads(self.cli("operator", "add", name, "--json", role="monitor").stdout)[
+            "token"
+        ]
+        return token
+
+    def api(self, path: str, token: str) -> Any:
+        """GET the monitor's JSON API."""
+        req = urllib.request.Request(
+            f"http://{self.roles['monitor'].address}{path}",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
 
     def register(self, *device_ids: str) -> dict[str, str]:
         """Register devices straight in the cluster's MongoDB (what `device register`
