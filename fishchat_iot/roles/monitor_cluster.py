@@ -29,7 +29,6 @@ from fishchat_iot import __version__
 from fishchat_iot.backends import (
     describe_bus,
     describe_store,
-    make_bus,
     make_store,
     open_with_retry,
 )
@@ -44,6 +43,7 @@ from fishchat_iot.roles.monitor import (
     MonitorSource,
 )
 from fishchat_iot.roles.monitor_metrics import Exposition, Histogram, Series
+from fishchat_iot.roles.node import RoleNode
 from fishchat_iot.stores.base import Store, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -54,7 +54,6 @@ log = logging.getLogger("fishchat.monitor")
 
 ROLES = ("gateway", "msg_server", "router", "manager", "monitor")
 MONITOR_ROLE = "monitor"
-HEARTBEAT_PERIOD = 2.0  # seconds between the monitor's own heartbeats (and status.json)
 STATUS_FILE = "status.json"  # what `fishchat-iot status` reads (cli/status.py)
 # Events msg_servers publish for the monitor (the monitor publishes "revoke", "kick").
 EVENT_LOGIN_REFUSED = "login_refused"
@@ -563,27 +562,31 @@ def _round(value: float | None) -> float | None:
     return round(value, 2) if value is not None else None
 
 
-class MonitorNode:
+class MonitorNode(RoleNode):
     """``fishchat-iot run monitor``: the cluster monitor as a process. ``start`` waits
     for the bus and the store (roles start in any order), then serves HTTP and
     heartbeats into the node registry as role ``monitor`` every 2 s; it also rewrites
     ``{data_dir}/status.json`` for ``fishchat-iot status``. ``bus``/``store``: given
     ones (tests) instead of those the settings name; the node closes them either way."""
 
+    role = MONITOR_ROLE
+
     def __init__(
         self, settings: Settings, bus: Bus | None = None, store: Store | None = None
     ) -> None:
-        self.settings = settings
-        self.bus = bus if bus is not None else make_bus(settings)
+        super().__init__(settings, bus)
+        self.node_id = settings.node.id
         self.store = store if store is not None else make_store(settings)
         self.source = ClusterSource(settings, self.bus, self.store, settings.node.id)
         self.monitor = Monitor(self.source)
-        self.node_id = settings.node.id
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
         return self.monitor.address
+
+    @address.setter
+    def address(self, value: str) -> None:
+        pass  # the monitor's HTTP listener decides
 
     @property
     def metrics_address(self) -> str:
@@ -596,13 +599,11 @@ class MonitorNode:
                 'backend = "redis" to monitor a cluster',
                 self.settings.bus.backend,
             )
-        await open_with_retry(self.bus.open, describe_bus(self.settings))
-        try:
-            await open_with_retry(self.store.open, describe_store(self.settings))
-            await self.monitor.start()
-        except BaseException:
-            await self._close_backends()
-            raise
+        await super().start()
+
+    async def _start(self) -> None:
+        await open_with_retry(self.store.open, describe_store(self.settings))
+        await self.monitor.start()
         if not self.node_id:
             self.node_id = f"monitor-{self.address}"
         self.source.node_id = self.node_id
@@ -611,40 +612,27 @@ class MonitorNode:
             self.source.listeners["metrics"] = self.metrics_address
         with contextlib.suppress(BusUnavailable):
             await self.bus.heartbeat(self.node_info())
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(self._write_status)
-        self._task = asyncio.get_running_loop().create_task(self._beat(), name="monitor-beat")
+        await self._after_beat()
         log.info("cluster monitor %s on http://%s/", self.node_id, self.address)
 
-    def node_info(self) -> NodeInfo:
-        return NodeInfo(
-            node_id=self.node_id,
-            role=MONITOR_ROLE,
-            address=self.address,
-            started_ms=self.source.started_ms,
-            stats={
-                "metrics": self.metrics_address,
-                "operators": self.monitor.operators.count(),
-                "bus_ok": self.source.ready()[1]["bus"],
-                "store_ok": self.source.ready()[1]["store"],
-            },
-        )
+    def stats(self) -> dict[str, Any]:
+        return {
+            "metrics": self.metrics_address,
+            "operators": self.monitor.operators.count(),
+            "bus_ok": self.source.ready()[1]["bus"],
+            "store_ok": self.source.ready()[1]["store"],
+        }
 
-    async def _beat(self) -> None:
-        failing = False
-        while True:
-            await asyncio.sleep(HEARTBEAT_PERIOD)
-            try:
-                await self.bus.heartbeat(self.node_info())
-                failing = False
-            except BusUnavailable as exc:
-                if not failing:
-                    log.warning("monitor heartbeat failed: %s", exc)
-                failing = True
-            try:
-                await asyncio.to_thread(self._write_status)
-            except OSError as exc:
-                log.warning("cannot write %s: %s", STATUS_FILE, exc)
+    def node_info(self) -> NodeInfo:
+        info = super().node_info()
+        info.started_ms = self.source.started_ms
+        return info
+
+    async def _after_beat(self) -> None:
+        try:
+            await asyncio.to_thread(self._write_status)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", STATUS_FILE, exc)
 
     def _write_status(self) -> None:
         path = self.settings.data_dir / STATUS_FILE
@@ -653,21 +641,9 @@ class MonitorNode:
         tmp.write_text(json.dumps(self.source.status_base()))
         os.replace(tmp, path)
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        with contextlib.suppress(BusUnavailable):
-            await self.bus.remove_node(self.node_id)
+    async def _stop(self) -> None:
         await self.monitor.stop()
         with contextlib.suppress(OSError):
             (self.settings.data_dir / STATUS_FILE).unlink()
-        await self._close_backends()
-
-    async def _close_backends(self) -> None:
         with contextlib.suppress(Exception):
             await self.store.close()
-        with contextlib.suppress(Exception):
-            await self.bus.close()

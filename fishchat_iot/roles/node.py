@@ -13,7 +13,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from fishchat_iot.backends import describe_bus, make_bus, open_with_retry
-from fishchat_iot.bus.base import BusUnavailable, NodeInfo
+from fishchat_iot.bus.base import Bus, BusUnavailable, NodeInfo
 from fishchat_iot.config import Settings
 from fishchat_iot.roles.manager import now_ms
 
@@ -25,12 +25,12 @@ HEARTBEAT_PERIOD = 2.0
 class RoleNode:
     role = "?"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, bus: Bus | None = None) -> None:
         self.settings = settings
-        self.bus = make_bus(settings)
+        self.bus = bus if bus is not None else make_bus(settings)
         host = settings.node.advertise_host
         self.node_id = settings.node.id or f"{self.role}@{host}:{os.getpid()}"
-        self.address = ""  # host:port where the role listens, if it does
+        self._address = ""
         self.started_ms = now_ms()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -43,6 +43,15 @@ class RoleNode:
             raise
         self.spawn(self._beat_forever(), "heartbeat")
         log.info("%s %s is up", self.role, self.node_id)
+
+    @property
+    def address(self) -> str:
+        """host:port where the role listens, "" if it does not."""
+        return self._address
+
+    @address.setter
+    def address(self, value: str) -> None:
+        self._address = value
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -61,6 +70,9 @@ class RoleNode:
 
     async def _stop(self) -> None:
         """The role's own stop (the bus is still open)."""
+
+    async def _after_beat(self) -> None:
+        """Run after every heartbeat, failed or not (the monitor's status file)."""
 
     def stats(self) -> dict[str, Any]:
         """Role-specific figures for the node registry (the monitor shows them)."""
@@ -98,4 +110,5 @@ class RoleNode:
                 if not failing:
                     log.warning("%s heartbeat failed: %s; retrying", self.node_id, exc)
                 failing = True
+            await self._after_beat()
             await asyncio.sleep(HEARTBEAT_PERIOD)
