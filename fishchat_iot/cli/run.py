@@ -12,10 +12,7 @@ port of the config's ``[serial]`` section to a msg_server (``docs/serial.md``).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import os
-import signal
 import sys
 from typing import Any
 
@@ -72,11 +69,31 @@ def run_role(args: argparse.Namespace) -> int:
 
 
 async def _serve(adapter: Any, as_json: bool) -> int:
+    from fishchat_iot.cli.up import stop_on_signals
+
     await adapter.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    with stop_on_signals() as stop:
+        try:
+            _print_ports(adapter, as_json)
+            await stop.wait()
+        finally:
+            await adapter.stop()
+    stats = adapter.stats()
+    if as_json:
+        print_json({"role": "serial-adapter", "stopped": True, "ports": stats})
+    else:
+        keys = ["frames_in", "frames_out", "corrupt", "oversize", "bad", "nacks", "reopens"]
+        print(
+            format_table(
+                ["port", *keys],
+                [[name, *(s[k] for k in keys)] for name, s in stats.items()],
+                right=range(1, len(keys) + 1),
+            )
+        )
+    return 0
+
+
+def _print_ports(adapter: Any, as_json: bool) -> None:
     ports = [
         {"name": b.name, "url": b.cfg.url, "crc": b.crc.name, "upstream": b.cfg.upstream}
         for b in adapter.ports
@@ -93,26 +110,6 @@ async def _serve(adapter: Any, as_json: bool) -> int:
         )
         print("Stop: Ctrl-C")
     sys.stdout.flush()
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
-        await adapter.stop()
-    stats = adapter.stats()
-    if as_json:
-        print_json({"role": "serial-adapter", "stopped": True, "ports": stats})
-    else:
-        keys = ["frames_in", "frames_out", "corrupt", "oversize", "bad", "nacks", "reopens"]
-        print(
-            format_table(
-                ["port", *keys],
-                [[name, *(s[k] for k in keys)] for name, s in stats.items()],
-                right=range(1, len(keys) + 1),
-            )
-        )
-    return 0
 
 
 def _cluster_settings(args: argparse.Namespace) -> Settings:
@@ -186,6 +183,7 @@ def _describe(role: str, node: Any) -> dict[str, Any]:
 
 async def _serve_role(role: str, settings: Settings, as_json: bool) -> int:
     from device_adapters.tcp.listener import ListenError
+    from fishchat_iot.cli.up import stop_on_signals
     from fishchat_iot.tls import TlsError
 
     node = _make_role(role, settings)
@@ -193,10 +191,16 @@ async def _serve_role(role: str, settings: Settings, as_json: bool) -> int:
         await node.start()
     except (ListenError, ConfigError, TlsError) as exc:
         raise CliError(str(exc)) from None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    with stop_on_signals() as stop:
+        try:
+            _print_role(role, node, as_json)
+            await stop.wait()
+        finally:
+            await node.stop()
+    return 0
+
+
+def _print_role(role: str, node: Any, as_json: bool) -> None:
     doc = _describe(role, node)
     if as_json:
         print_json(doc)
@@ -207,11 +211,3 @@ async def _serve_role(role: str, settings: Settings, as_json: bool) -> int:
                 print(f"  {key:<14} {value}")
         print("Stop: Ctrl-C")
     sys.stdout.flush()
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
-        await node.stop()
-    return 0

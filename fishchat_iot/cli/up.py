@@ -10,7 +10,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 from fishchat_iot.cli.context import settings_from_args
@@ -105,6 +105,22 @@ def run_up(args: argparse.Namespace) -> int:
     return run_loop(_serve(settings, args.json))
 
 
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[asyncio.Event]:
+    """An event SIGINT or SIGTERM sets while the block runs (install before printing the
+    ready line, so a signal right after it is a graceful stop, not a kill)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield stop
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+
 def run_loop(main: Coroutine[Any, Any, int]) -> int:
     """Run on uvloop where it is installed (the loop the hot path was measured on)."""
     try:
@@ -124,10 +140,16 @@ async def _serve(settings: Settings, as_json: bool) -> int:
         await app.start()
     except (ListenError, ConfigError, TlsError) as exc:  # ConfigError: a [serial] port
         raise CliError(str(exc)) from None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    with stop_on_signals() as stop:
+        try:
+            _print_ready(settings, app, as_json)
+            await stop.wait()
+        finally:
+            await app.stop()
+    return 0
+
+
+def _print_ready(settings: Settings, app: Any, as_json: bool) -> None:
     addrs = app.listeners()
     if as_json:
         monitor = {"monitor": addrs.get("monitor")}  # null when it is off or could not bind
@@ -152,11 +174,3 @@ async def _serve(settings: Settings, as_json: bool) -> int:
         print(f"  data        {settings.sqlite_path}")
         print("Register a device: fishchat-iot device register NAME   Stop: Ctrl-C")
     sys.stdout.flush()
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
-        await app.stop()
-    return 0

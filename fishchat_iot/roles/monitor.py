@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fishchat_iot import __version__, errors
-from fishchat_iot.bus.base import BusUnavailable
+from fishchat_iot.bus.base import BusUnavailable, NodeInfo
 from fishchat_iot.config import Settings
 from fishchat_iot.roles.manager import now_ms
 from fishchat_iot.roles.monitor_http import (
@@ -239,6 +239,27 @@ class MonitorSource(abc.ABC):
         """Families only this source has."""
 
 
+def node_row(n: NodeInfo, now: int, local: bool = False) -> dict[str, Any]:
+    """A node of the registry as ``/api/nodes`` shows it; rates and queue are the
+    caller's to fill in (None: not known from here)."""
+    age = now - n.updated_ms if n.updated_ms else 0
+    return {
+        "node_id": n.node_id,
+        "role": n.role,
+        "address": n.address,
+        "started_ms": n.started_ms,
+        "updated_ms": n.updated_ms,
+        "sessions": n.sessions,
+        "msgs_in": n.msgs_in,
+        "msgs_out": n.msgs_out,
+        "msgs_in_per_s": None,
+        "msgs_out_per_s": None,
+        "queued": None,
+        "health": "stale" if age > NODE_STALE_MS else "ok",
+        "local": local,
+    }
+
+
 class EmbeddedSource(MonitorSource):
     """The roles of one ``EmbeddedApp`` (``fishchat-iot up``): its msg_server's sessions
     and counters, read directly."""
@@ -358,24 +379,7 @@ class EmbeddedSource(MonitorSource):
         for n in others:
             if local is not None and n.node_id == local["node_id"]:
                 continue
-            age = now - n.updated_ms if n.updated_ms else 0
-            out.append(
-                {
-                    "node_id": n.node_id,
-                    "role": n.role,
-                    "address": n.address,
-                    "started_ms": n.started_ms,
-                    "updated_ms": n.updated_ms,
-                    "sessions": n.sessions,
-                    "msgs_in": n.msgs_in,
-                    "msgs_out": n.msgs_out,
-                    "msgs_in_per_s": None,
-                    "msgs_out_per_s": None,
-                    "queued": None,
-                    "health": "stale" if age > NODE_STALE_MS else "ok",
-                    "local": False,
-                }
-            )
+            out.append(node_row(n, now))
         return out
 
     def status_base(self) -> dict[str, Any]:

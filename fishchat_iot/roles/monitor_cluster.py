@@ -36,11 +36,11 @@ from fishchat_iot.bus.base import Bus, BusUnavailable, NodeInfo
 from fishchat_iot.config import Settings
 from fishchat_iot.roles.manager import now_ms
 from fishchat_iot.roles.monitor import (
-    NODE_STALE_MS,
     QUEUE_PERIOD,
     Figures,
     Monitor,
     MonitorSource,
+    node_row,
 )
 from fishchat_iot.roles.monitor_metrics import Exposition, Histogram, Series
 from fishchat_iot.roles.node import RoleNode
@@ -348,26 +348,16 @@ class ClusterSource(MonitorSource):
         rate = self._rates[n.node_id]
         server = n.role == "msg_server"
         stats = n.stats if isinstance(n.stats, dict) else {}
-        age = now - n.updated_ms if n.updated_ms else 0
         queued = None
         if server and self._node_queued is not None:
             queued = self._node_queued.get(n.node_id, 0)
-        return {
-            "node_id": n.node_id,
-            "role": n.role,
-            "address": n.address,
-            "started_ms": n.started_ms,
-            "updated_ms": n.updated_ms,
-            "sessions": n.sessions,
-            "msgs_in": n.msgs_in,
-            "msgs_out": n.msgs_out,
-            "msgs_in_per_s": _round(rate.rate_in) if server else None,
-            "msgs_out_per_s": _round(rate.rate_out) if server else None,
-            "queued": queued,
-            "inflight": _int(stats.get("inflight")) if server else None,
-            "health": "stale" if age > NODE_STALE_MS else "ok",
-            "local": n.node_id == self.node_id,
-        }
+        row = node_row(n, now, local=n.node_id == self.node_id)
+        row["queued"] = queued
+        if server:
+            row["msgs_in_per_s"] = _round(rate.rate_in)
+            row["msgs_out_per_s"] = _round(rate.rate_out)
+        row["inflight"] = _int(stats.get("inflight")) if server else None
+        return row
 
     def _dead_row(self, node_id: str, role: str) -> dict[str, Any]:
         last = self._known.get(node_id)

@@ -30,6 +30,7 @@ from fishchat_iot.core.batcher import Batcher
 from fishchat_iot.core.envelope import KIND_P2P, KIND_POKE, KIND_TOPIC, Envelope
 from fishchat_iot.core.receipt import AckWait, Receipt
 from fishchat_iot.core.session import Mode, Session
+from fishchat_iot.core.tasks import spawn_owned
 from fishchat_iot.ids import IdGenerator, OrderKeys
 from fishchat_iot.roles.manager import Manager, now_ms
 from fishchat_iot.roles.monitor_metrics import Histogram
@@ -145,15 +146,7 @@ class MsgServer:
             await self.bus.remove_node(self.node_id)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+        return spawn_owned(self._tasks, coro, name, log)
 
     def node_info(self) -> NodeInfo:
         # stats: for the cluster monitor, once attach_cluster_reporting was called.

@@ -15,6 +15,7 @@ from typing import Any
 from fishchat_iot.backends import describe_bus, make_bus, open_with_retry
 from fishchat_iot.bus.base import Bus, BusUnavailable, NodeInfo
 from fishchat_iot.config import Settings
+from fishchat_iot.core.tasks import spawn_owned
 from fishchat_iot.roles.manager import now_ms
 
 log = logging.getLogger("fishchat.node")
@@ -88,15 +89,7 @@ class RoleNode:
         )
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+        return spawn_owned(self._tasks, coro, name, log)
 
     async def _beat_forever(self) -> None:
         failing = False

@@ -10,7 +10,7 @@ role under the test's, and short bus timers (a dead node is noticed in seconds).
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import json
 import selectors
 import signal
@@ -22,11 +22,12 @@ from typing import Any
 
 import redis
 
+from firmware_sim.tcp_device import TcpDevice
 from fishchat_iot.auth import hash_token, new_token
 from fishchat_iot.stores.base import DeviceRecord, TopicRecord
 from fishchat_iot.stores.mongo import MongoStore
 from support.redis import free_port
-from support.server import _LIVE, CLI, ServerError, cli_env
+from support.server import _LIVE, CLI, ServerError, cli_env, end_process
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MSG_SERVERS = ("msg_server.19000", "msg_server.19001")
@@ -117,14 +118,7 @@ class RoleProcess:
         proc, self.proc = self.proc, None
         if proc is None:
             return None
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait(5)
-        _LIVE.discard(proc)
+        code = end_process(proc, sig, timeout)
         if proc.stdout is not None:
             proc.stdout.close()
         return code
@@ -294,3 +288,51 @@ class Cluster:
                     await store.add_member(name, m)
 
         asyncio.run(work())
+
+
+# -- streams of p2p messages, checked from the devices' side ------------------------------
+Key = tuple[str, str]  # (sender, message id)
+
+
+async def collect(dev: TcpDevice, got: collections.Counter[Key]) -> None:
+    """Count every message ``dev`` receives (its SDK already drops duplicate ids, so a
+    count above 1 means one got through twice)."""
+    while True:
+        msg = await dev.receive()
+        got[(msg.sender, msg.id)] += 1
+
+
+async def stream(
+    devs: dict[str, TcpDevice], pairs: list[tuple[str, str]], per_pair: int, interval: float
+) -> dict[Key, str]:
+    """Each sender sends ``per_pair`` messages to its receiver, one every ``interval``
+    seconds, without waiting for receipts in between; returns, once every message is
+    ACCEPTED, (sender, id) -> text of all of them."""
+
+    async def one(sender: str, to: str) -> list[str]:
+        tasks = []
+        for i in range(per_pair):
+            tasks.append(asyncio.create_task(devs[sender].send(to, f"{sender}>{to} {i}")))
+            await asyncio.sleep(interval)
+        return list(await asyncio.gather(*tasks))
+
+    results = await asyncio.gather(*(one(s, r) for s, r in pairs))
+    return {
+        (s, mid): f"{s}>{r} {i}"
+        for (s, r), ids in zip(pairs, results, strict=True)
+        for i, mid in enumerate(ids)
+    }
+
+
+async def delivered_once(
+    accepted: dict[Key, str], got: collections.Counter[Key], timeout: float = 60.0
+) -> None:
+    """Every accepted message arrives, exactly once, and nothing else does."""
+    deadline = time.monotonic() + timeout
+    while not set(accepted) <= set(got):
+        missing = sorted(accepted[k] for k in set(accepted) - set(got))
+        assert time.monotonic() < deadline, f"{len(missing)} not delivered: {missing}"
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1.0)  # anything delivered twice would show by now
+    assert set(got) == set(accepted)
+    assert max(got.values()) == 1, [accepted[k] for k, v in got.items() if v > 1][:5]

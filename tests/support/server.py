@@ -76,6 +76,21 @@ def toml_text(config: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def end_process(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> int | None:
+    """Send ``sig`` (unless it has ended) and wait; SIGKILL after ``timeout``. The
+    process is no longer one to kill at exit. Returns its exit code."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    _LIVE.discard(proc)
+    return proc.returncode
+
+
 class ServerError(RuntimeError):
     """The server did not come up, or a CLI command failed; the text has the log tail."""
 
@@ -232,13 +247,7 @@ class ServerProcess:
         proc, self.proc = self.proc, None
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end_process(proc, sig, timeout)
         if self._stdout_thread is not None:
             self._stdout_thread.join(5)
             self._stdout_thread = None
