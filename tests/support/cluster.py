@@ -27,7 +27,7 @@ from fishchat_iot.auth import hash_token, new_token
 from fishchat_iot.stores.base import DeviceRecord, TopicRecord
 from fishchat_iot.stores.mongo import MongoStore
 from support.redis import free_port
-from support.server import _LIVE, CLI, ServerError, cli_env, end_process
+from support.server import _LIVE, CLI, LogFile, ServerError, cli_env, end_process
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MSG_SERVERS = ("msg_server.19000", "msg_server.19001")
@@ -54,7 +54,7 @@ def until(check: Any, what: str, timeout: float = 15.0) -> Any:
         time.sleep(0.2)
 
 
-class RoleProcess:
+class RoleProcess(LogFile):
     """One role process. ``start()`` waits for its ready line (``spawn()`` does not:
     a test starting roles before Redis or MongoDB is up); ``stop()`` is SIGTERM,
     ``kill9()`` SIGKILL; the log of every run is appended to ``log_path``."""
@@ -122,15 +122,6 @@ class RoleProcess:
         if proc.stdout is not None:
             proc.stdout.close()
         return code
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def wait_log(self, text: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

@@ -91,11 +91,26 @@ def end_process(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> int 
     return proc.returncode
 
 
+class LogFile:
+    """A process whose stderr (its log) is appended to ``log_path``."""
+
+    log_path: Path
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
 class ServerError(RuntimeError):
     """The server did not come up, or a CLI command failed; the text has the log tail."""
 
 
-class ServerProcess:
+class ServerProcess(LogFile):
     """One ``fishchat-iot up`` process on its own data directory.
 
     ``start()`` returns once the server printed its ready line; ``stop()`` is SIGTERM (a
@@ -265,14 +280,6 @@ class ServerProcess:
         return code
 
     # -- the log -----------------------------------------------------------------------
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def log_mark(self) -> int:
         """A position in the log; ``log_since(mark)`` is what was written after it."""
