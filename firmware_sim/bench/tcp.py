@@ -200,8 +200,8 @@ class _Run:
             self.done.set()
 
 
-def pair_ids(pairs: int) -> list[str]:
-    return [f"bench-{k}-{i}" for i in range(pairs) for k in ("tx", "rx")]
+def pair_ids(pairs: int, prefix: str = "bench") -> list[str]:
+    return [f"{prefix}-{k}-{i}" for i in range(pairs) for k in ("tx", "rx")]
 
 
 async def connect(addr: str, factory: Any, limit: int = 200, within: float = 60.0) -> list[_Client]:
@@ -231,23 +231,30 @@ async def p2p(
     within: float = 120.0,
     on_start: Any = None,
     rate: float = 0.0,
+    receivers_at: str = "",
+    prefix: str = "bench",
 ) -> dict[str, Any]:
     """As fast as it goes (``rate`` 0: batches, windowed), or paced: ``rate`` messages a
-    second in all (see ``_pace``)."""
+    second in all (see ``_pace``). ``receivers_at``: log the receivers in to this
+    msg_server instead (distributed mode: every message crosses nodes)."""
     run = _Run(count, pairs, payload, batch, window, rate)
     share = [count // pairs + (1 if i < count % pairs else 0) for i in range(pairs)]
     makers: list[Any] = []
+    receiver_makers: list[Any] = []
     for i in range(pairs):
         if not share[i]:
             continue
-        tx, rx = f"bench-tx-{i}", f"bench-rx-{i}"
+        tx, rx = f"{prefix}-tx-{i}", f"{prefix}-rx-{i}"
         s = _Sender(run, tx, token, rx, share[i])
         r = _Receiver(run, rx, token, share[i])
         r.sender = s
         run.senders.append(s)
         run.receivers.append(r)
-        makers += [lambda s=s: s, lambda r=r: r]
+        makers.append(lambda s=s: s)
+        (receiver_makers if receivers_at else makers).append(lambda r=r: r)
     clients = await connect(msg_server, makers)
+    if receiver_makers:
+        clients += await connect(receivers_at, receiver_makers)
     pacer: asyncio.Task[None] | None = None
     try:
         if on_start is not None:
