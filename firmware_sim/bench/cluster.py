@@ -5,11 +5,12 @@ mode").
 
     python -m firmware_sim.bench.cluster [--mongo-url URL] [--count N] [--pairs P]
 
-It starts a ``redis-server`` (append-only file, ``appendfsync always``: what the bus
-documents for no loss; ``FISHCHAT_BENCH_FSYNC=everysec`` for the cheaper setting), uses the MongoDB at ``--mongo-url`` or starts the mongoeco test
-server that ``scripts/test-services.sh`` installs, and runs ``fishchat-iot run
-msg-server`` twice, ``router`` and ``manager`` from ``configs/`` with free ports, the
-cluster's receipts (``delivery.receipt = "acked"``) and per-device limits off.
+It starts a ``redis-server`` with an append-only file (``appendfsync always``, what
+the bus documents for no loss; ``FISHCHAT_BENCH_FSYNC=everysec`` for the cheaper
+setting), uses the MongoDB at ``--mongo-url`` or starts the mongoeco test server that
+``scripts/test-services.sh`` installs, and runs ``fishchat-iot run msg-server`` twice,
+``router`` and ``manager`` from ``configs/`` with free ports, the cluster's receipts
+(``delivery.receipt = "acked"``) and per-device limits off.
 """
 
 from __future__ import annotations
