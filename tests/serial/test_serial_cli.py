@@ -115,7 +115,13 @@ def test_resolve_errors_name_the_port_and_option(serial: dict[str, Any], message
 
 # -- the command ---------------------------------------------------------------------
 def test_run_other_roles_and_missing_config_are_one_line_errors(tmp_path: Path) -> None:
-    _one_error_line(_run("run", "gateway", "--config", "x.toml"), "distributed mode", "up")
+    _one_error_line(_run("run", "gateway"), "needs --config FILE", "configs/gateway.toml")
+    _one_error_line(_run("run", "gateway", "--config", "x.toml"), "x.toml does not exist")
+    local = tmp_path / "local.toml"
+    local.write_text("[tcp]\ngateway_port = 0\n")
+    _one_error_line(
+        _run("run", "router", "--config", str(local)), 'backend = "redis"', "fishchat-iot up"
+    )
     _one_error_line(_run("run", "serial-adapter"), "needs --config FILE")
     empty = tmp_path / "empty.toml"
     empty.write_text("[serial]\nmsg_server = '127.0.0.1:1'\n")
