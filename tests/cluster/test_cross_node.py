@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 
 from support.cluster import Cluster, until
+from support.redis import RedisServer, free_port
 
+from firmware_sim.mqtt_device import MqttDevice
 from firmware_sim.tcp_device import TcpDevice
+from tests.cluster.conftest import MakeCluster
 
 
 async def _recv_texts(dev: TcpDevice, n: int, timeout: float = 15.0) -> list[str]:
@@ -69,3 +72,29 @@ def test_p2p_both_ways_and_a_topic_across_nodes(cluster: Cluster) -> None:
     seen = nodes()
     assert {"gateway", "msg_server.19000", "msg_server.19001", "router", "manager"} <= set(seen)
     assert all(n["health"] == "ok" for n in seen.values()), seen
+
+
+def test_an_mqtt_device_on_one_node_and_a_tcp_device_on_the_other(
+    cluster_on: MakeCluster, shared_redis: RedisServer, mongo_url: str
+) -> None:
+    """With an embedded broker on msg_server.19001 (docs/deploy-distributed.md, MQTT), an
+    MQTT device there is a session of that node like a TCP device."""
+    mqtt_port = free_port()
+    cluster = cluster_on(shared_redis.url, mongo_url)
+    cluster["msg_server.19001"].env.update(
+        FISHCHAT_MQTT_MODE="embedded", FISHCHAT_MQTT_PORT=str(mqtt_port)
+    )
+    cluster.start("msg_server.19000", "msg_server.19001")
+    tokens = cluster.register("sensor", "panel")
+
+    async def scenario() -> None:
+        sensor = MqttDevice("sensor", tokens["sensor"], f"127.0.0.1:{mqtt_port}")
+        panel = TcpDevice("panel", tokens["panel"], msg_server=cluster.msg_server(0))
+        async with sensor, panel:
+            await asyncio.gather(sensor.connect(), panel.connect())
+            await sensor.send("panel", "21.5 C")
+            assert await _recv_texts(panel, 1) == ["21.5 C"]
+            await panel.send("sensor", "set 20")
+            assert (await sensor.receive(timeout=15)).text == "set 20"
+
+    asyncio.run(scenario())
