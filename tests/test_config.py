@@ -75,3 +75,31 @@ def test_every_option_is_documented() -> None:
     for dotted in _all_options():
         section, key = dotted.split(".")
         assert f"| `{key}` |" in sections.get(section, ""), f"{dotted} is not documented"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["gateway", "msg_server.19000", "msg_server.19001", "router", "manager", "monitor"],
+)
+def test_the_distributed_configs_load_and_share_their_backends(name: str) -> None:
+    s = load_settings(ROOT / "configs" / f"{name}.toml", env={})
+    s.check()
+    assert (s.bus.backend, s.store.backend) == ("redis", "mongodb")
+    assert s.node.id == name  # stable: a msg_server's inbox is named after it
+    assert s.bus.url == Settings().bus.url and s.store.mongo_url == Settings().store.mongo_url
+    if name.startswith("msg_server"):
+        assert s.tcp.msg_port == int(name.rpartition(".")[2])
+        assert s.delivery.receipt == "acked"
+        assert not s.monitor.enabled
+    if name in ("msg_server.19000", "msg_server.19001", "router"):
+        # One at-rest key for every process that queues bodies.
+        assert s.server_key_path == Path("./data/cluster/server.key")
+
+
+def test_check_names_the_bad_choice() -> None:
+    s = Settings()
+    s.store.backend = "postgres"
+    with pytest.raises(
+        ConfigError, match=re.escape("store.backend: 'postgres' is not one of 'sqlite', 'mongodb'")
+    ):
+        s.check()
