@@ -14,6 +14,7 @@ queue is empty.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -105,6 +106,8 @@ class MsgServer:
         self._ack_waits: dict[tuple[str, str], AckWait] = {}
         # Devices whose queue got something behind their feed's position (a poke).
         self._reread: set[str] = set()
+        # Per device: ids acked whose queued copies the store has not deleted yet.
+        self._acking: dict[str, collections.Counter[str]] = {}
         # Group commit of hand-offs (per kind of routing) and of acks of stored copies.
         self._routing: dict[tuple[bool, bool], Batcher[Envelope, Enqueued]] = {}
         self._acks: Batcher[tuple[str, str], None] = Batcher(
@@ -745,16 +748,32 @@ class MsgServer:
             if entry is None or entry[1]:
                 stored.append(mid)
         if stored:
-            self.spawn(self._ack_stored(s.device_id, stored), "ack")
+            self._delete_stored(s.device_id, stored)
         if s.mode is Mode.BACKLOG and s.drain_task is None:
             self._start_drain(s)
 
-    async def _ack_stored(self, device_id: str, ids: list[str]) -> None:
+    def _delete_stored(self, device_id: str, ids: list[str]) -> None:
+        """Delete the queued copies of delivered messages. Until the store has, a queue
+        read may still return them: the feed skips these ids from now on."""
+        acking = self._acking.setdefault(device_id, collections.Counter())
+        acking.update(ids)
+        self.spawn(self._ack_stored(device_id, ids, acking), "ack")
+
+    async def _ack_stored(
+        self, device_id: str, ids: list[str], acking: collections.Counter[str]
+    ) -> None:
         try:
             await self._acks.submit([(device_id, mid) for mid in ids])
         except StoreUnavailable as exc:
             # Not lost, just delivered again on the next login (devices dedupe).
             log.warning("could not record acks of %s: %s", device_id, exc)
+        finally:
+            acking.subtract(ids)
+            for mid in ids:
+                if acking[mid] <= 0:
+                    del acking[mid]
+            if not acking and self._acking.get(device_id) is acking:
+                del self._acking[device_id]
 
     async def _ack_batch(self, acks: list[tuple[str, str]]) -> list[None]:
         """Acks of stored copies from every session since the last call, one store call
@@ -803,9 +822,10 @@ class MsgServer:
                     return
                 batch = fetched if mark is None else [e for e in fetched if e.okey < mark]
                 written: list[str] = []
+                acking = self._acking.get(device, ())
                 for env in batch:
                     s.cursor = env.okey
-                    if env.id in s.inflight:
+                    if env.id in s.inflight or env.id in acking:
                         continue
                     s.push(env, True)
                     self.msgs_out += 1
@@ -818,7 +838,7 @@ class MsgServer:
                     # or they would come again at every login. Sealed (E2E) bodies are
                     # never written to a v1 session (TcpSession.emit_message drops them)
                     # and go the same way.
-                    self.spawn(self._ack_stored(device, written), "ack")
+                    self._delete_stored(device, written)
                 if batch:
                     continue
                 if self._pending.get(device):

@@ -104,14 +104,13 @@ class Router:
         return [r if r is not None else Enqueued.STORED for r in results]
 
     async def _poke_arrived(self, devices: set[str], node_id: str) -> None:
-        """A device may have logged in on some node while its message was on its way to
-        the queue, after that node read the queue: tell that node to read it again."""
+        """A device may have logged in on another node while its message was on its way
+        to the queue, after that node read the queue: tell that node to read it again.
+        (A login on this node needs no poke: the hand-off was counted before it, and
+        the new session's feed waits for it, ``MsgServer._drain``.)"""
         listed = sorted(devices)
         for device, where in zip(listed, await self.bus.where_many(listed), strict=True):
-            if where is None:
-                continue
-            if where == node_id and self.node is not None:
-                self.node.poked(device)
+            if where is None or where == node_id:
                 continue
             try:
                 await self.bus.send_to_node(where, [poke(device)])
