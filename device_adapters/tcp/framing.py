@@ -92,6 +92,75 @@ def _checked(obj: Any) -> tuple[str, list[str]]:
     return cmd, args
 
 
+Item = tuple[str, list[str]] | FrameError
+
+
+def decode(
+    buf: bytearray | None, data: bytes | bytearray, max_frame: int
+) -> tuple[list[Item], bytearray | None]:
+    """Every complete frame of ``buf`` (the previous reads' incomplete tail, or None)
+    followed by ``data``, and the new tail (None when nothing is left over). What
+    ``FrameDecoder.feed`` does, for a caller that keeps the tail itself (a TCP session:
+    one object less per connection)."""
+    src: bytes | bytearray
+    if buf is None:
+        src = data
+    else:
+        buf += data
+        src = buf
+    out: list[Item] = []
+    append = out.append
+    loads = _loads
+    pos = 0
+    end = len(src)
+    # Per frame: the length, one orjson call on a slice of the read, and the checks
+    # of _checked inlined for the usual case (its messages for the others).
+    while end - pos >= HEADER:
+        n = _length(src, pos)[0]
+        if n == 0 or n > max_frame:
+            append(
+                FrameError(
+                    errors.FRAME_TOO_LARGE if n else errors.BAD_FRAME,
+                    f"frame length {n} is above the limit of {max_frame} bytes"
+                    if n
+                    else "frame length 0",
+                    fatal=True,
+                )
+            )
+            return out, None
+        start = pos + HEADER
+        pos = start + n
+        if pos > end:
+            pos = start - HEADER
+            break
+        try:
+            obj = loads(src[start:pos])
+        except orjson.JSONDecodeError as exc:
+            append(_bad_json(exc))
+            continue
+        if type(obj) is dict:
+            cmd = obj.get("CmdName")
+            args = obj.get("Args")
+            if type(cmd) is str and cmd and type(args) is list:
+                for a in args:
+                    if type(a) is not str:
+                        break
+                else:
+                    append((cmd, args))
+                    continue
+        try:
+            append(_checked(obj))
+        except FrameError as err:
+            append(err)
+    if pos == end:
+        return out, None
+    if src is data:
+        return out, bytearray(data[pos:])
+    if pos and buf is not None:
+        del buf[:pos]
+    return out, buf
+
+
 class FrameDecoder:
     """Accumulates bytes and yields every complete frame.
 
@@ -114,64 +183,6 @@ class FrameDecoder:
     def buffered(self) -> int:
         return 0 if self._buf is None else len(self._buf)
 
-    def feed(self, data: bytes | bytearray) -> list[tuple[str, list[str]] | FrameError]:
-        buf = self._buf
-        src: bytes | bytearray
-        if buf is None:
-            src = data
-        else:
-            buf += data
-            src = buf
-        out: list[tuple[str, list[str]] | FrameError] = []
-        append = out.append
-        loads = _loads
-        pos = 0
-        end = len(src)
-        max_frame = self.max_frame
-        # Per frame: the length, one orjson call on a slice of the read, and the checks
-        # of _checked inlined for the usual case (its messages for the others).
-        while end - pos >= HEADER:
-            n = _length(src, pos)[0]
-            if n == 0 or n > max_frame:
-                self._buf = None
-                append(
-                    FrameError(
-                        errors.FRAME_TOO_LARGE if n else errors.BAD_FRAME,
-                        f"frame length {n} is above the limit of {max_frame} bytes"
-                        if n
-                        else "frame length 0",
-                        fatal=True,
-                    )
-                )
-                return out
-            start = pos + HEADER
-            pos = start + n
-            if pos > end:
-                pos = start - HEADER
-                break
-            try:
-                obj = loads(src[start:pos])
-            except orjson.JSONDecodeError as exc:
-                append(_bad_json(exc))
-                continue
-            if type(obj) is dict:
-                cmd = obj.get("CmdName")
-                args = obj.get("Args")
-                if type(cmd) is str and cmd and type(args) is list:
-                    for a in args:
-                        if type(a) is not str:
-                            break
-                    else:
-                        append((cmd, args))
-                        continue
-            try:
-                append(_checked(obj))
-            except FrameError as err:
-                append(err)
-        if pos == end:
-            self._buf = None
-        elif src is data:
-            self._buf = bytearray(data[pos:])
-        elif pos and buf is not None:
-            del buf[:pos]
+    def feed(self, data: bytes | bytearray) -> list[Item]:
+        out, self._buf = decode(self._buf, data, self.max_frame)
         return out
