@@ -51,7 +51,7 @@ _P2P_EXTRA = len(_P2P_PREFIX) + 2
 _ACCEPTED_PREFIX = b'{"CmdName":"ACCEPTED","Args":'
 _ACCEPTED_EXTRA = len(_ACCEPTED_PREFIX) + 2
 _FRAME_END = b"}\n"
-_ts_text: list[Any] = [0, "0"]  # the last delivery timestamp and its text
+_ts_text: tuple[int, str] = (0, "0")  # the last delivery timestamp and its text
 
 
 class TcpSession(Session, asyncio.Protocol):
@@ -391,10 +391,12 @@ class TcpSession(Session, asyncio.Protocol):
     def emit_message(self, env: Envelope) -> None:
         if env.kind == KIND_P2P and env.enc == "none" and not self.v1:
             # The usual delivery, by template (the same bytes as append_frame).
+            global _ts_text
             ts = env.ts
-            if ts != _ts_text[0]:  # one str() per batch: its messages share a timestamp
-                _ts_text[:] = (ts, str(ts))
-            argv = _dumps((env.body, env.sender, env.id, _ts_text[1]))
+            text = _ts_text
+            if text[0] != ts:  # one str() per batch: its messages share a timestamp
+                text = _ts_text = (ts, str(ts))
+            argv = _dumps((env.body, env.sender, env.id, text[1]))
             out = self.out
             out += _pack_len(len(argv) + _P2P_EXTRA)
             out += _P2P_PREFIX
