@@ -49,55 +49,72 @@ class Bucket:
         return -self.tokens / self.rate if self.tokens < 0 and self.rate > 0 else 0.0
 
 
+class _RateConf:
+    """The per-device rates and bursts of one ``Limits``, shared by every ``DeviceRate``."""
+
+    __slots__ = ("byte_burst", "byte_rate", "msg_burst", "msg_rate")
+
+    def __init__(self, cfg: LimitsSettings) -> None:
+        self.msg_rate = cfg.msg_rate if cfg.msg_rate > 0 else 0.0  # 0.0: no message limit
+        self.msg_burst = max(1.0, float(cfg.msg_burst))
+        self.byte_rate = cfg.byte_rate if cfg.byte_rate > 0 else 0.0  # 0.0: no byte limit
+        self.byte_burst = max(1.0, float(cfg.byte_burst))
+
+
 class DeviceRate:
-    """One device's message and byte buckets (kept across its reconnects)."""
+    """One device's message and byte buckets (kept across its reconnects).
 
-    __slots__ = ("bytes", "msgs")
+    Both token buckets in one small object: they are always refilled together (one
+    stamp), and their rates and bursts are the shared ``_RateConf`` — a device costs
+    this object and three floats, not three objects and their floats.
+    """
 
-    def __init__(self, cfg: LimitsSettings, now: float) -> None:
-        self.msgs = (
-            Bucket(cfg.msg_rate, max(1.0, float(cfg.msg_burst)), now) if cfg.msg_rate > 0 else None
-        )
-        self.bytes = (
-            Bucket(cfg.byte_rate, max(1.0, float(cfg.byte_burst)), now)
-            if cfg.byte_rate > 0
-            else None
-        )
+    __slots__ = ("byte_tokens", "conf", "msg_tokens", "stamp")
+
+    def __init__(self, cfg: LimitsSettings | _RateConf, now: float) -> None:
+        conf = cfg if isinstance(cfg, _RateConf) else _RateConf(cfg)
+        self.conf = conf
+        self.msg_tokens = conf.msg_burst
+        self.byte_tokens = conf.byte_burst
+        self.stamp = now
 
     def refill(self, now: float) -> None:
-        if self.msgs is not None:
-            self.msgs.refill(now)
-        if self.bytes is not None:
-            self.bytes.refill(now)
+        elapsed = now - self.stamp
+        if elapsed > 0:
+            self.stamp = now
+            conf = self.conf
+            if conf.msg_rate:
+                self.msg_tokens = min(conf.msg_burst, self.msg_tokens + elapsed * conf.msg_rate)
+            if conf.byte_rate:
+                self.byte_tokens = min(conf.byte_burst, self.byte_tokens + elapsed * conf.byte_rate)
 
     def take_msg(self, force: bool = False) -> bool:
         """One message: True if within the rate; ``force`` takes it anyway (into debt)."""
-        m = self.msgs
-        if m is None:
+        if not self.conf.msg_rate:
             return True
-        if m.tokens >= 1.0:
-            m.tokens -= 1.0
+        if self.msg_tokens >= 1.0:
+            self.msg_tokens -= 1.0
             return True
         if force:
-            m.tokens -= 1.0
+            self.msg_tokens -= 1.0
         return False
 
     def take_bytes(self, n: int, force: bool = True) -> bool:
-        b = self.bytes
-        if b is None:
+        if not self.conf.byte_rate:
             return True
-        if b.tokens >= n or force:
-            b.tokens -= n
-            return b.tokens >= 0
+        if self.byte_tokens >= n or force:
+            self.byte_tokens -= n
+            return self.byte_tokens >= 0
         return False
 
     def wait(self) -> float:
         """Seconds a paused (v1) reader should wait for both buckets to be out of debt."""
+        conf = self.conf
         w = 0.0
-        if self.msgs is not None:
-            w = self.msgs.wait()
-        if self.bytes is not None:
-            w = max(w, self.bytes.wait())
+        if conf.msg_rate and self.msg_tokens < 0:
+            w = -self.msg_tokens / conf.msg_rate
+        if conf.byte_rate and self.byte_tokens < 0:
+            w = max(w, -self.byte_tokens / conf.byte_rate)
         return w
 
 
@@ -144,6 +161,7 @@ class Limits:
         self.fail_device = _Table(refill, float(cfg.login_fail_device_burst))
         self.conns = _Table(cfg.conn_rate, float(cfg.conn_burst))
         self.devices: dict[str, DeviceRate] = {}
+        self._rate_conf = _RateConf(cfg)
         self._logged: dict[str, tuple[float, int]] = {}  # key -> (last logged, refused since)
 
     # -- per device ---------------------------------------------------------------------
@@ -160,7 +178,7 @@ class Limits:
         if r is None:
             if len(self.devices) >= MAX_KEYS:
                 self.devices.clear()  # all full again within burst/rate seconds anyway
-            r = self.devices[device_id] = DeviceRate(self.cfg, time.monotonic())
+            r = self.devices[device_id] = DeviceRate(self._rate_conf, time.monotonic())
         return r
 
     # -- connections ----------------------------------------------------------------------

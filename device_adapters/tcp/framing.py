@@ -7,11 +7,16 @@ read with a hundred frames costs one Python call (DESIGN section 9).
 
 from __future__ import annotations
 
+import struct
+from typing import Any
+
 import orjson
 
 from fishchat_iot import errors
 
 HEADER = 4
+_length = struct.Struct(">I").unpack_from
+_loads = orjson.loads
 
 
 class FrameError(Exception):
@@ -55,13 +60,22 @@ def append_frame(out: bytearray, cmd: str, args: list[str]) -> None:
     out += b"}\n"
 
 
-def parse_body(body: bytes | memoryview) -> tuple[str, list[str]]:
+def parse_body(body: bytes | bytearray | memoryview) -> tuple[str, list[str]]:
     """Decode one frame body; raises FrameError(BAD_FRAME) with a reason."""
     try:
-        obj = orjson.loads(body)
+        obj = _loads(body)
     except orjson.JSONDecodeError as exc:
-        reason = "not UTF-8" if "utf-8" in str(exc).lower() else "invalid JSON"
-        raise FrameError(errors.BAD_FRAME, f"frame is {reason}: {exc}") from None
+        raise _bad_json(exc) from None
+    return _checked(obj)
+
+
+def _bad_json(exc: orjson.JSONDecodeError) -> FrameError:
+    reason = "not UTF-8" if "utf-8" in str(exc).lower() else "invalid JSON"
+    return FrameError(errors.BAD_FRAME, f"frame is {reason}: {exc}")
+
+
+def _checked(obj: Any) -> tuple[str, list[str]]:
+    """``(CmdName, Args)`` of a decoded frame, or FrameError(BAD_FRAME) saying why not."""
     if type(obj) is not dict:
         raise FrameError(errors.BAD_FRAME, 'frame is not a JSON object {"CmdName", "Args"}')
     cmd = obj.get("CmdName")
@@ -70,9 +84,81 @@ def parse_body(body: bytes | memoryview) -> tuple[str, list[str]]:
         raise FrameError(errors.BAD_FRAME, "frame has no CmdName string")
     if args is None:
         args = []
-    if type(args) is not list or any(type(a) is not str for a in args):
+    if type(args) is not list:
         raise FrameError(errors.BAD_FRAME, "frame Args must be a list of strings")
+    for a in args:
+        if type(a) is not str:
+            raise FrameError(errors.BAD_FRAME, "frame Args must be a list of strings")
     return cmd, args
+
+
+Item = tuple[str, list[str]] | FrameError
+
+
+def decode(
+    buf: bytearray | None, data: bytes | bytearray, max_frame: int
+) -> tuple[list[Item], bytearray | None]:
+    """Every complete frame of ``buf`` (the previous reads' incomplete tail, or None)
+    followed by ``data``, and the new tail (None when nothing is left over). What
+    ``FrameDecoder.feed`` does, for a caller that keeps the tail itself (a TCP session:
+    one object less per connection)."""
+    src: bytes | bytearray
+    if buf is None:
+        src = data
+    else:
+        buf += data
+        src = buf
+    out: list[Item] = []
+    append = out.append
+    loads = _loads
+    pos = 0
+    end = len(src)
+    # Per frame: the length, one orjson call on a slice of the read, and the checks
+    # of _checked inlined for the usual case (its messages for the others).
+    while end - pos >= HEADER:
+        n = _length(src, pos)[0]
+        if n == 0 or n > max_frame:
+            append(
+                FrameError(
+                    errors.FRAME_TOO_LARGE if n else errors.BAD_FRAME,
+                    f"frame length {n} is above the limit of {max_frame} bytes"
+                    if n
+                    else "frame length 0",
+                    fatal=True,
+                )
+            )
+            return out, None
+        start = pos + HEADER
+        pos = start + n
+        if pos > end:
+            pos = start - HEADER
+            break
+        try:
+            obj = loads(src[start:pos])
+        except orjson.JSONDecodeError as exc:
+            append(_bad_json(exc))
+            continue
+        if type(obj) is dict:
+            cmd = obj.get("CmdName")
+            args = obj.get("Args")
+            if type(cmd) is str and cmd and type(args) is list:
+                for a in args:
+                    if type(a) is not str:
+                        break
+                else:
+                    append((cmd, args))
+                    continue
+        try:
+            append(_checked(obj))
+        except FrameError as err:
+            append(err)
+    if pos == end:
+        return out, None
+    if src is data:
+        return out, bytearray(data[pos:])
+    if pos and buf is not None:
+        del buf[:pos]
+    return out, buf
 
 
 class FrameDecoder:
@@ -82,58 +168,21 @@ class FrameDecoder:
     returned in-line as a FrameError item, so the frames around it still count. A fatal
     error (length prefix 0 or above ``max_frame``) is always the last item: the stream
     cannot be resynchronised and the caller closes the connection.
+
+    Only the incomplete tail of a read is kept between calls: an idle connection holds
+    no buffer, and a read of whole frames is parsed without being copied first.
     """
 
-    __slots__ = ("_buf", "_fatal", "max_frame")
+    __slots__ = ("_buf", "max_frame")
 
     def __init__(self, max_frame: int = 65536) -> None:
         self.max_frame = max_frame
-        self._buf = bytearray()
-        self._fatal: FrameError | None = None
+        self._buf: bytearray | None = None  # a frame's first part, until the rest comes
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return 0 if self._buf is None else len(self._buf)
 
-    def feed(self, data: bytes) -> list[tuple[str, list[str]] | FrameError]:
-        buf = self._buf
-        buf += data
-        out: list[tuple[str, list[str]] | FrameError] = []
-        pos = 0
-        end = len(buf)
-        max_frame = self.max_frame
-        fatal: FrameError | None = None
-        # Frames are parsed in place through a view (no copy per frame); the view is
-        # released before the buffer is resized.
-        view = memoryview(buf)
-        try:
-            while end - pos >= HEADER:
-                n = int.from_bytes(view[pos : pos + HEADER], "big")
-                if n == 0 or n > max_frame:
-                    fatal = FrameError(
-                        errors.FRAME_TOO_LARGE if n else errors.BAD_FRAME,
-                        f"frame length {n} is above the limit of {max_frame} bytes"
-                        if n
-                        else "frame length 0",
-                        fatal=True,
-                    )
-                    break
-                start = pos + HEADER
-                if end - start < n:
-                    break
-                body = view[start : start + n]
-                try:
-                    out.append(parse_body(body))
-                except FrameError as exc:
-                    out.append(exc)  # its traceback may still refer to ``body``
-                finally:
-                    body.release()
-                pos = start + n
-        finally:
-            view.release()
-        if fatal is not None:
-            del buf[:]
-            out.append(fatal)
-        elif pos:
-            del buf[:pos]
+    def feed(self, data: bytes | bytearray) -> list[Item]:
+        out, self._buf = decode(self._buf, data, self.max_frame)
         return out

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from device_adapters.tcp.framing import FrameDecoder, FrameError, append_frame
+import orjson
+
+from device_adapters.tcp.framing import FrameError, Item, append_frame, decode
 from device_adapters.tcp.listener import TcpListener
 from fishchat_iot import errors
-from fishchat_iot.core.envelope import KIND_TOPIC, Envelope
-from fishchat_iot.core.session import Mode, Session
+from fishchat_iot.core.envelope import KIND_P2P, KIND_TOPIC, Envelope
+from fishchat_iot.core.session import CLOSED, Session
 from fishchat_iot.crypto.seal import CryptoError, parse_enc
 from fishchat_iot.limits import DeviceRate, host_of, limits_for
 from fishchat_iot.roles.msg_server import MsgServer, valid_name
@@ -39,20 +41,58 @@ MAX_BAD_FRAMES = 20  # a token session sending more bad frames than this is clos
 # it sent them (JOIN_TOPIC then SEND_MESSAGE_TOPIC; a topic message then a p2p one).
 Handler = Callable[["TcpSession", list[str]], "asyncio.Task[Any] | None"]
 
+# The frames written once per message, by template: length, the command's bytes up to
+# its Args (what append_frame would write), orjson of the args, "}\n" — byte-identical
+# to append_frame without a dict lookup and a call per frame.
+_pack_len = struct.Struct(">I").pack
+_dumps = orjson.dumps
+_P2P_PREFIX = b'{"CmdName":"RESP_MESSAGE_P2P","Args":'
+_P2P_EXTRA = len(_P2P_PREFIX) + 2
+_ACCEPTED_PREFIX = b'{"CmdName":"ACCEPTED","Args":'
+_ACCEPTED_EXTRA = len(_ACCEPTED_PREFIX) + 2
+_FRAME_END = b"}\n"
+_ts_text: tuple[int, str] = (0, "0")  # the last delivery timestamp and its text
+
 
 class TcpSession(Session, asyncio.Protocol):
+    """One device connection. Slotted: an idle session is mostly this object, the
+    transport and the core's tables (docs/benchmarks.md, memory per idle session)."""
+
+    __slots__ = (
+        "_read_pauses",
+        "_throttled",
+        "_write_paused",
+        "bad_frames",
+        "batch_ms",
+        "cert_id",
+        "held",
+        "inbuf",
+        "limits",
+        "listener",
+        "logging_in",
+        "login_task",
+        "login_timer",
+        "peer",
+        "rate",
+        "server",
+        "spoof_logged",
+        "transport",
+        "waiting",
+    )
+
     transport_name = "tcp"
 
     def __init__(self, listener: TcpListener, server: MsgServer) -> None:
         super().__init__()
         self.listener = listener
         self.server = server
-        self.decoder = FrameDecoder(server.settings.tcp.max_frame)
+        self.inbuf: bytearray | None = None  # a frame's first part, until the rest comes
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.logging_in = False
         self.waiting = False  # a command is waiting for the store: hold the next frames
-        self.held: list[tuple[str, list[str]] | FrameError] = []
+        self.held: list[Item] | None = None  # frames read while logging in or waiting
+        self.batch_ms = 0  # wall clock (ms) of the batch of frames being handled
         self.login_task: asyncio.Task[None] | None = None
         self.login_timer: asyncio.TimerHandle | None = None
         self.bad_frames = 0
@@ -69,9 +109,8 @@ class TcpSession(Session, asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport: no isinstance check.
         self.transport = cast(asyncio.Transport, transport)
         self.listener.connections.add(self.transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # No TCP_NODELAY here: asyncio and uvloop set it on every TCP transport, and
+        # asking for the socket object makes uvloop keep one per connection.
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         if peer and not self.limits.connection_allowed(str(peer[0]), self.listener.name):
@@ -93,12 +132,12 @@ class TcpSession(Session, asyncio.Protocol):
         self.server.session_closed(self)
 
     def eof_received(self) -> bool | None:
-        if self.decoder.buffered:
+        if self.inbuf:
             who = f"{self.device_id} ({self.peer})" if self.node is not None else self.peer
             log.warning(
                 "%s hung up in the middle of a frame (%d bytes of it received)",
                 who,
-                self.decoder.buffered,
+                len(self.inbuf),
             )
         return None  # close the transport
 
@@ -110,7 +149,7 @@ class TcpSession(Session, asyncio.Protocol):
         self.server.writable_again(self)
 
     def data_received(self, data: bytes) -> None:
-        items = self.decoder.feed(data)
+        items, self.inbuf = decode(self.inbuf, data, self.server.settings.tcp.max_frame)
         rate = self.rate
         if self.node is not None:
             self.last_seen = now = time.monotonic()
@@ -124,13 +163,28 @@ class TcpSession(Session, asyncio.Protocol):
                 self._throttle(wait)
 
     # -- command dispatch ------------------------------------------------------------
-    def _handle(self, items: list[tuple[str, list[str]] | FrameError]) -> None:
+    def _handle(self, items: list[Item]) -> None:
+        # One wall-clock read per batch: every message of it is stamped with it. Reset
+        # afterwards: an idle session need not keep an int object for it.
+        self.batch_ms = int(time.time() * 1000)
+        try:
+            self._dispatch(items)
+        finally:
+            self.batch_ms = 0
+
+    def _dispatch(self, items: list[Item]) -> None:
+        transport = self.transport
+        commands = COMMANDS
+        rated = self.rate is not None  # set at login, which a batch never spans
         for i, item in enumerate(items):
             if self.logging_in or self.waiting:
                 # Bounded: reading is paused during login and while a command waits.
-                self.held.extend(items[i:])
+                if self.held is None:
+                    self.held = items[i:]
+                else:
+                    self.held.extend(items[i:])
                 return
-            if self.transport is None or self.transport.is_closing():
+            if transport is None or transport.is_closing():
                 return
             if isinstance(item, FrameError):
                 self._bad_frame(item)
@@ -142,9 +196,9 @@ class TcpSession(Session, asyncio.Protocol):
                 else:
                     self._refuse(errors.NOT_LOGGED_IN, f"{cmd} before SEND_CLIENT_ID")
                 continue
-            if self.mode is Mode.CLOSED:
+            if self.mode is CLOSED:
                 return
-            entry = COMMANDS.get(cmd)
+            entry = commands.get(cmd)
             if entry is None:
                 self._bad_input(errors.UNKNOWN_COMMAND, f"unknown command {cmd[:40]!r}")
                 continue
@@ -153,7 +207,7 @@ class TcpSession(Session, asyncio.Protocol):
                 want = f"{lo}" if lo == hi else f"{lo} to {hi}"
                 self._bad_input(errors.BAD_ARGS, f"{cmd} takes {want} arguments, got {len(args)}")
                 continue
-            if self.rate is not None and cmd in RATED and not self._within_rate(cmd, args):
+            if rated and cmd in RATED and not self._within_rate(cmd, args):
                 continue
             task = handler(self, args)
             if task is not None and not task.done():
@@ -163,8 +217,9 @@ class TcpSession(Session, asyncio.Protocol):
 
     def _command_done(self, task: asyncio.Task[Any]) -> None:
         self.waiting = False
-        held, self.held = self.held, []
-        self._handle(held)
+        held, self.held = self.held, None
+        if held:
+            self._handle(held)
         self._resume_reading()
 
     def _bad_frame(self, err: FrameError) -> None:
@@ -301,8 +356,9 @@ class TcpSession(Session, asyncio.Protocol):
             self.out[:0] = head
             self.mark_dirty()
         self.logging_in = False
-        held, self.held = self.held, []
-        self._handle(held)
+        held, self.held = self.held, None
+        if held:
+            self._handle(held)
         self._resume_reading()
 
     def _login_timed_out(self) -> None:
@@ -333,7 +389,20 @@ class TcpSession(Session, asyncio.Protocol):
 
     # -- Session: what the core emits -------------------------------------------------
     def emit_message(self, env: Envelope) -> None:
-        if env.enc != "none":
+        if env.kind == KIND_P2P and env.enc == "none" and not self.v1:
+            # The usual delivery, by template (the same bytes as append_frame).
+            global _ts_text
+            ts = env.ts
+            text = _ts_text
+            if text[0] != ts:  # one str() per batch: its messages share a timestamp
+                text = _ts_text = (ts, str(ts))
+            argv = _dumps((env.body, env.sender, env.id, text[1]))
+            out = self.out
+            out += _pack_len(len(argv) + _P2P_EXTRA)
+            out += _P2P_PREFIX
+            out += argv
+            out += _FRAME_END
+        elif env.enc != "none":
             self._emit_sealed(env)
         elif env.kind == KIND_TOPIC:
             if self.v1:
@@ -372,7 +441,12 @@ class TcpSession(Session, asyncio.Protocol):
 
     def emit_accepted(self, msg_id: str) -> None:
         if not self.v1:
-            append_frame(self.out, "ACCEPTED", [msg_id])
+            argv = _dumps((msg_id,))
+            out = self.out
+            out += _pack_len(len(argv) + _ACCEPTED_EXTRA)
+            out += _ACCEPTED_PREFIX
+            out += argv
+            out += _FRAME_END
 
     def emit_error(self, code: str, text: str, ref: str = "") -> None:
         if self.v1:
@@ -425,7 +499,9 @@ def _send_p2p(s: TcpSession, args: list[str]) -> None:
             args[2][:70],
             s.device_id,
         )
-    s.server.send_p2p(s, args[0], args[1], args[3] if len(args) > 3 and not s.v1 else "")
+    s.server.send_p2p(
+        s, args[0], args[1], args[3] if len(args) > 3 and not s.v1 else "", ts=s.batch_ms
+    )
 
 
 def _ack(s: TcpSession, args: list[str]) -> None:
@@ -469,7 +545,7 @@ def _check_e2e(s: TcpSession, cmd: str, body: str, enc: str, mid: str) -> bool:
 def _send_p2p_e2e(s: TcpSession, args: list[str]) -> None:
     # [to, sealed_b64, enc, id]
     if _check_e2e(s, "SEND_MESSAGE_P2P_E2E", args[1], args[2], args[3]):
-        s.server.send_p2p(s, args[0], args[1], args[3], args[2])
+        s.server.send_p2p(s, args[0], args[1], args[3], args[2], ts=s.batch_ms)
 
 
 def _send_topic_e2e(s: TcpSession, args: list[str]) -> asyncio.Task[Any] | None:

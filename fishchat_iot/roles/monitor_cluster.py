@@ -462,7 +462,6 @@ class ClusterSource(MonitorSource):
                 continue  # another version's buckets: left out rather than mixed
             for i, c in enumerate(counts):
                 merged.counts[i] += _int(c)
-            merged.count += _int(lat.get("count"))
             merged.total += float(lat.get("sum") or 0.0)
         return merged
 

@@ -14,23 +14,29 @@ from typing import Any
 
 # Delivery latency buckets, in milliseconds (accepted -> written to the recipient).
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000, 30000, 300000)
+_bisect_left = bisect.bisect_left
 
 
 class Histogram:
-    """Cumulative-bucket histogram (Prometheus semantics); ``observe`` is O(log n)."""
+    """Cumulative-bucket histogram (Prometheus semantics); ``observe`` is O(log n) and
+    on the message path: it updates one bucket and the sum, ``count`` is summed when
+    read."""
 
-    __slots__ = ("bounds", "count", "counts", "total")
+    __slots__ = ("bounds", "counts", "total")
 
     def __init__(self, bounds: Iterable[float] = LATENCY_BUCKETS_MS) -> None:
         self.bounds = tuple(bounds)
         self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
-        self.count = 0
         self.total = 0.0
 
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.count += 1
-        self.total += value
+        self.counts[_bisect_left(self.bounds, value)] += 1
+        if value:
+            self.total += value
 
     def cumulative(self) -> list[tuple[str, int]]:
         out, running = [], 0

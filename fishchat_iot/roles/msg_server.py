@@ -30,7 +30,7 @@ from fishchat_iot.config import Settings
 from fishchat_iot.core.batcher import Batcher
 from fishchat_iot.core.envelope import KIND_P2P, KIND_POKE, KIND_TOPIC, Envelope
 from fishchat_iot.core.receipt import AckWait, Receipt
-from fishchat_iot.core.session import Mode, Session
+from fishchat_iot.core.session import LIVE, NO_INFLIGHT, Mode, Session
 from fishchat_iot.core.tasks import spawn_owned
 from fishchat_iot.ids import IdGenerator, OrderKeys
 from fishchat_iot.roles.manager import Manager, now_ms
@@ -55,6 +55,9 @@ class Offer(enum.Enum):
     LIVE = "live"  # written to the recipient's session
     DUPLICATE = "duplicate"  # the same message is already in flight to it
     CONFLICT = "conflict"  # another sender's message with this id is in flight to it
+
+
+_OFFER_LIVE = Offer.LIVE  # the hot path compares with a global, not a class attribute
 
 
 class MsgServer:
@@ -231,7 +234,10 @@ class MsgServer:
 
     def _flush(self) -> None:
         self._flush_handle = None
-        dirty, self._dirty = self._dirty, []
+        dirty = self._dirty
+        if not dirty:
+            return
+        self._dirty = []
         for s in dirty:
             s.dirty = False
             if s.out:
@@ -343,22 +349,25 @@ class MsgServer:
             self.kick(device)
 
     # -- sending -------------------------------------------------------------------
-    def _offer(self, env: Envelope) -> Offer | None:
+    def _offer(self, env: Envelope, now: int = 0) -> Offer | None:
         """Write ``env`` to its recipient's live session on this node, if it has one
-        that can take it now; None means it must go through the router."""
+        that can take it now; None means it must go through the router. ``now``: the
+        caller's wall clock in ms, if it has just read it."""
         r = self.sessions.get(env.to)
-        if r is None or r.mode is not Mode.LIVE:
+        if r is None or r.mode is not LIVE:
             return None
-        prev = r.inflight.get(env.id)
-        if prev is not None:
-            return Offer.DUPLICATE if prev[0].sender == env.sender else Offer.CONFLICT
-        if len(r.inflight) >= self.window or not r.can_write():
+        inflight = r.inflight
+        if inflight:
+            prev = inflight.get(env.id)
+            if prev is not None:
+                return Offer.DUPLICATE if prev[0].sender == env.sender else Offer.CONFLICT
+        if len(inflight) >= self.window or not r.can_write():
             r.mode = Mode.BACKLOG  # resumes from the queue when acks or the socket allow
             return None
         r.push(env, False)
         self.msgs_out += 1
-        self.latency.observe(now_ms() - env.ts)
-        return Offer.LIVE
+        self.latency.observe((now or now_ms()) - env.ts)
+        return _OFFER_LIVE
 
     def _check_id(self, s: Session, msg_id: str) -> str | None:
         if not msg_id:
@@ -368,11 +377,17 @@ class MsgServer:
             return None
         return msg_id
 
-    def send_p2p(self, s: Session, to: str, body: str, msg_id: str = "", enc: str = "none") -> None:
-        mid = self._check_id(s, msg_id)
+    def send_p2p(
+        self, s: Session, to: str, body: str, msg_id: str = "", enc: str = "none", ts: int = 0
+    ) -> None:
+        """``ts``: the wall clock (ms) the adapter read for this batch of commands; 0 =
+        read it here."""
+        mid = msg_id if msg_id and len(msg_id) <= MAX_ID_LEN else self._check_id(s, msg_id)
         if mid is None:
             return
-        env = Envelope(mid, s.device_id, to, body, now_ms(), self.okeys.next(), KIND_P2P)
+        if not ts:
+            ts = now_ms()
+        env = Envelope(mid, s.device_id, to, body, ts, self.okeys.next(), KIND_P2P)
         if enc != "none":
             env.enc = enc
             r = self.sessions.get(to)
@@ -381,9 +396,9 @@ class MsgServer:
                 s.emit_error(errors.E2E_UNSUPPORTED, f"{to!r} is on a v1 session", mid)
                 s.mark_dirty()
                 return
-        offer = self._offer(env)
-        if offer is Offer.LIVE or offer is Offer.DUPLICATE:
-            if offer is Offer.LIVE:
+        offer = self._offer(env, ts)
+        if offer is _OFFER_LIVE or offer is Offer.DUPLICATE:
+            if offer is _OFFER_LIVE:
                 self.msgs_in += 1
             if self.receipt_after_ack:
                 receipt = self._receipt(s, mid)
@@ -391,7 +406,8 @@ class MsgServer:
                 receipt.release()
                 return
             s.emit_accepted(mid)
-            s.mark_dirty()
+            if not s.dirty:
+                s.mark_dirty()
         elif offer is Offer.CONFLICT:
             self._refuse_duplicate(s, mid, to)
         else:
@@ -737,16 +753,22 @@ class MsgServer:
 
     # -- acks and the durable queue feed ---------------------------------------------
     def ack(self, s: Session, ids: Sequence[str]) -> None:
-        stored: list[str] = []
+        stored: list[str] | None = None
+        pop = s.inflight.pop
         waits = self._ack_waits
         for mid in ids:
             if waits:
                 self._ack_arrived(s.device_id, mid)
-            entry = s.inflight.pop(mid, None)
+            entry = pop(mid, None)
             # Unknown ids may be acks of a delivery from an earlier session: the device
             # has the message, so its queued copy can go.
             if entry is None or entry[1]:
-                stored.append(mid)
+                if stored is None:
+                    stored = [mid]
+                else:
+                    stored.append(mid)
+        if not s.inflight:
+            s.inflight = NO_INFLIGHT  # a dict keeps its table when emptied by pop
         if stored:
             self._delete_stored(s.device_id, stored)
         if s.mode is Mode.BACKLOG and s.drain_task is None:
