@@ -374,6 +374,7 @@ class MsgServer:
             return self.ids.next()
         if len(msg_id) > MAX_ID_LEN:
             s.emit_error(errors.BAD_ARGS, f"message id longer than {MAX_ID_LEN} characters")
+            s.mark_dirty()
             return None
         return msg_id
 

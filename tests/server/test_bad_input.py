@@ -369,3 +369,16 @@ async def test_gateway_bad_input_gets_one_error_and_is_closed(
     await pair.check()
     assert_logged_once(up_server, mark, client)
     up_server.assert_healthy()
+
+
+async def test_token_session_overlong_message_id_is_answered_at_once(
+    up_server: ServerProcess, pair: Pair, pool: DevicePool, connect: Connect
+) -> None:
+    """The refusal is written right away, not left until the next frame to the device."""
+    device_id, token = pool.take()
+    client = await connect(up_server.msg_server, device_id, token)
+    await client.send_p2p(pair.a.device_id, "body", "x" * 65)
+    args = await client.expect_error("BAD_ARGS", timeout=3)
+    assert "longer than 64" in args[1], args
+    await client.ping()
+    await pair.check()
