@@ -323,12 +323,14 @@ class MongoStore(Store):
                 return
             await self._bump_registry(db)
 
-    async def set_credentials(self, device_id: str, token_hash: bytes, public_key: str) -> None:
+    async def set_credentials(
+        self, device_id: str, token_hash: bytes, public_key: str, psk: str | None = None
+    ) -> None:
         with self._guard("set_credentials") as db:
-            result = await db.devices.update_one(
-                {"_id": device_id},
-                {"$set": {"token_hash": bytes(token_hash), "public_key": public_key}},
-            )
+            fields: Doc = {"token_hash": bytes(token_hash), "public_key": public_key}
+            if psk is not None:
+                fields["psk"] = psk
+            result = await db.devices.update_one({"_id": device_id}, {"$set": fields})
             if result.matched_count == 0:
                 raise NotFound(f"no device {device_id!r}")
             await self._bump_registry(db)
@@ -672,6 +674,7 @@ def _device_doc(device: DeviceRecord) -> Doc:
         "revoked_ms": device.revoked_ms,
         "public_key": device.public_key,
         "meta": dict(device.meta),
+        "psk": device.psk,
     }
 
 
@@ -685,6 +688,7 @@ def _device_from_doc(doc: Doc) -> DeviceRecord:
         revoked_ms=int(doc.get("revoked_ms", 0)),
         public_key=doc.get("public_key", ""),
         meta=dict(doc.get("meta") or {}),
+        psk=doc.get("psk", ""),
     )
 
 

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Kept in ``PRAGMA user_version``; bump it (and add a migration) when the schema changes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Most calls one transaction carries. Large enough that a burst is one commit, small
 # enough that the futures of the first calls in a burst are not held back for long.
@@ -67,7 +67,8 @@ _SCHEMA = (
         created_ms INTEGER NOT NULL DEFAULT 0,
         revoked_ms INTEGER NOT NULL DEFAULT 0,
         public_key TEXT NOT NULL DEFAULT '',
-        meta TEXT NOT NULL DEFAULT '{}'
+        meta TEXT NOT NULL DEFAULT '{}',
+        psk TEXT NOT NULL DEFAULT ''
     )""",
     """CREATE TABLE IF NOT EXISTS topics (
         name TEXT PRIMARY KEY,
@@ -198,10 +199,13 @@ def _device_from_row(row: sqlite3.Row | tuple[Any, ...]) -> DeviceRecord:
         revoked_ms=row[5],
         public_key=row[6],
         meta=json.loads(row[7]) if row[7] else {},
+        psk=row[8],
     )
 
 
-_DEVICE_COLUMNS = "id, token_hash, v1, revoked, created_ms, revoked_ms, public_key, meta"
+_DEVICE_COLUMNS = "id, token_hash, v1, revoked, created_ms, revoked_ms, public_key, meta, psk"
+# Schema version -> what brings a file of that version to the next one.
+_MIGRATIONS = {1: ("ALTER TABLE devices ADD COLUMN psk TEXT NOT NULL DEFAULT ''",)}
 
 
 class SqliteStore(Store):
@@ -289,7 +293,7 @@ class SqliteStore(Store):
     async def add_device(self, device: DeviceRecord) -> None:
         def op(conn: sqlite3.Connection) -> None:
             cur = conn.execute(
-                f"INSERT OR IGNORE INTO devices ({_DEVICE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+                f"INSERT OR IGNORE INTO devices ({_DEVICE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
                 (
                     device.id,
                     bytes(device.token_hash),
@@ -299,6 +303,7 @@ class SqliteStore(Store):
                     device.revoked_ms,
                     device.public_key,
                     json.dumps(device.meta, sort_keys=True),
+                    device.psk,
                 ),
             )
             if cur.rowcount == 0:
@@ -334,11 +339,14 @@ class SqliteStore(Store):
 
         await self._call(op, write=True)
 
-    async def set_credentials(self, device_id: str, token_hash: bytes, public_key: str) -> None:
+    async def set_credentials(
+        self, device_id: str, token_hash: bytes, public_key: str, psk: str | None = None
+    ) -> None:
         def op(conn: sqlite3.Connection) -> None:
             cur = conn.execute(
-                "UPDATE devices SET token_hash = ?, public_key = ? WHERE id = ?",
-                (bytes(token_hash), public_key, device_id),
+                "UPDATE devices SET token_hash = ?, public_key = ?, psk = coalesce(?, psk)"
+                " WHERE id = ?",
+                (bytes(token_hash), public_key, psk, device_id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"no device {device_id!r}")
@@ -659,6 +667,10 @@ class SqliteStore(Store):
                         f" {SCHEMA_VERSION}; upgrade fishchat-iot"
                     )
                 if version < SCHEMA_VERSION:
+                    if version > 0:  # an older file: migrate it step by step
+                        for v in range(version, SCHEMA_VERSION):
+                            for statement in _MIGRATIONS[v]:
+                                conn.execute(statement)
                     for statement in _SCHEMA:
                         conn.execute(statement)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
