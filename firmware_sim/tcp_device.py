@@ -39,6 +39,12 @@ What it does for the application:
   they came) and ones that do not open are acked, dropped and counted in
   ``open_failed``. Topic owners hand out group keys with ``share_topic_key`` (at
   creation and after a member leaves) and ``send_topic_key`` (a late joiner).
+* **Gateway-terminated devices** (``psk=``, or a bundle of ``device register --psk``,
+  which ``from_bundle`` picks up): everything sent is sealed under the device's
+  pre-shared key for the gateway (``enc`` ``psk-chacha20poly1305``), every delivery
+  arrives sealed under it and is opened here. A body the gateway could read (from a PSK
+  device, a v1 device, ``e2e=False``) reaches an end-to-end device as plaintext with
+  ``Message.enc == "none"``: never mistaken for an end-to-end message.
 
 :class:`V1Device` speaks exactly the FishChatServer v1 frames (no token, no receipts,
 ``PONG``-less keepalive) for compatibility tests: ``send`` returns ``""`` once the frame
@@ -67,8 +73,8 @@ from typing import Any
 from device_adapters.tcp.framing import FrameDecoder, FrameError, encode_frame
 from firmware_sim.bundle import Bundle, load_bundle, parse_bundle
 from fishchat_iot import errors
-from fishchat_iot.crypto.device import DeviceCrypto
-from fishchat_iot.crypto.seal import CryptoError, b64d
+from fishchat_iot.crypto.device import DeviceCrypto, PskCrypto
+from fishchat_iot.crypto.seal import ENC_PSK, CryptoError, b64d
 from fishchat_iot.ids import IdGenerator
 
 log = logging.getLogger("firmware_sim.tcp")
@@ -276,6 +282,7 @@ class _E2E:
 
     device_id: str
     crypto: DeviceCrypto | None
+    psk: PskCrypto | None
     key_wait: float
     opened: int
     open_failed: int
@@ -286,11 +293,17 @@ class _E2E:
     _held: dict[tuple[str, str], list[tuple[Message, str]]]
     _held_timers: dict[tuple[str, str], asyncio.TimerHandle]
 
-    def _init_e2e(self, private_key: str | bytes | None, key_wait: float) -> None:
+    def _init_e2e(
+        self, private_key: str | bytes | None, key_wait: float, psk: str | bytes | None = None
+    ) -> None:
         self.crypto = None
         if private_key:
             raw = b64d(private_key) if isinstance(private_key, str) else private_key
             self.crypto = DeviceCrypto(self.device_id, raw)
+        # Gateway-terminated mode (docs/crypto.md section 7): the pre-shared key.
+        self.psk = None
+        if psk:
+            self.psk = PskCrypto(self.device_id, b64d(psk) if isinstance(psk, str) else psk)
         self.key_wait = key_wait
         # Sealed deliveries waiting for a key (a peer's public key, a topic epoch key),
         # unacked: ("peer", id) / ("topic", "name:epoch") -> [(message, enc)].
@@ -308,7 +321,7 @@ class _E2E:
         self._held.clear()
 
     # -- what the SDK provides ---------------------------------------------------
-    async def send(self, to: str, text: str, *, id: str | None = None) -> str:
+    async def send(self, to: str, text: str, *, id: str | None = None, e2e: bool = True) -> str:
         raise NotImplementedError
 
     async def _deliver(self, msg: Message) -> None:
@@ -354,6 +367,9 @@ class _E2E:
         counted in ``open_failed``; a replayed id is absorbed by the dedupe as always."""
         if self._closing:
             return
+        if enc == ENC_PSK:
+            await self._deliver_psk(msg, enc)
+            return
         key = (msg.sender, msg.id)
         crypto = self.crypto
         if key in self._seen or crypto is None:
@@ -393,6 +409,22 @@ class _E2E:
             await self._release(("topic", f"{ctl['topic']}:{ctl['epoch']}"))
             return
         await self._deliver(replace(msg, text=opened.text, enc=enc))
+
+    async def _deliver_psk(self, msg: Message, enc: str) -> None:
+        """A delivery the gateway sealed under this device's pre-shared key."""
+        if (msg.sender, msg.id) in self._seen:
+            await self._deliver(msg)  # a duplicate: acked again, not delivered
+            return
+        if self.psk is None:
+            self._reject(msg, "sealed under a pre-shared key this device does not have")
+            return
+        try:
+            text = self.psk.open(sender=msg.sender, msg_id=msg.id, body=msg.text, topic=msg.topic)
+        except CryptoError as exc:
+            self._reject(msg, str(exc))
+            return
+        self.opened += 1
+        await self._deliver(replace(msg, text=text, enc=enc))
 
     def _reject(self, msg: Message, why: str) -> None:
         self.open_failed += 1
@@ -479,6 +511,7 @@ class TcpDevice(_E2E):
         id_prefix: str | None = None,
         private_key: str | bytes | None = None,
         key_wait: float = 10.0,
+        psk: str | bytes | None = None,
     ) -> None:
         if not device_id:
             raise ValueError("device_id must not be empty")
@@ -533,8 +566,9 @@ class TcpDevice(_E2E):
         self.resent = 0  # messages written again after a reconnect or UNAVAILABLE
         self.reconnects = 0
         self.server_errors: collections.deque[tuple[str, str, str]] = collections.deque(maxlen=100)
-        # End-to-end encryption (docs/crypto.md): on when the device has its private key.
-        self._init_e2e(private_key, key_wait)
+        # End-to-end encryption (docs/crypto.md): on when the device has its private key;
+        # gateway-terminated mode when it has a pre-shared key.
+        self._init_e2e(private_key, key_wait, psk)
 
     # -- construction helpers ------------------------------------------------
     @classmethod
@@ -549,12 +583,15 @@ class TcpDevice(_E2E):
     ) -> TcpDevice:
         """A token-session device from a provisioning bundle (a Bundle, its decoded JSON
         or the path of the file). ``gateway`` / ``msg_server`` override the bundle's.
-        ``e2e=True`` seals and opens every message with the bundle's ``private_key``."""
+        ``e2e=True`` seals and opens every message with the bundle's ``private_key``. A
+        bundle with a ``psk`` (gateway-terminated device) always uses it."""
         if isinstance(bundle, str | Path):
             bundle = load_bundle(bundle)
         elif not isinstance(bundle, Bundle):
             bundle = parse_bundle(bundle)
-        if e2e:
+        if bundle.raw.get("psk") and "psk" not in kwargs:
+            kwargs["psk"] = bundle.raw["psk"]
+        if e2e and not bundle.raw.get("psk"):
             key = bundle.raw.get("private_key")
             if not isinstance(key, str) or not key:
                 raise ValueError(f"bundle of {bundle.id!r} has no private_key: register again")
@@ -680,8 +717,12 @@ class TcpDevice(_E2E):
         self._stop(DeviceError(CLOSED, "the device is closed"), final=False)
 
     # -- sending -------------------------------------------------------------
-    async def send(self, to: str, text: str, *, id: str | None = None) -> str:
+    async def send(self, to: str, text: str, *, id: str | None = None, e2e: bool = True) -> str:
         """Send a p2p message; return its id once the server accepted it.
+
+        Sealed end to end when the device has its private key, under its pre-shared key
+        for the gateway when it has one; ``e2e=False`` sends this one in plaintext over
+        the connection (to a gateway-terminated device, which has no public key).
 
         Raises DeviceError with the server's code (UNKNOWN_DEVICE, QUEUE_FULL,
         DUPLICATE_ID, BAD_ARGS ...) or CLOSED. While disconnected it waits for the
@@ -694,7 +735,10 @@ class TcpDevice(_E2E):
             self.sent += 1
             return ""
         msg_id = self._check_id(id)
-        if self.crypto is not None:
+        if self.psk is not None:
+            sealed, enc = self.psk.seal("p2p", to, msg_id, text)
+            frame = self._frame("SEND_MESSAGE_P2P_E2E", [to, sealed, enc, msg_id], msg_id)
+        elif self.crypto is not None and e2e:
             if to not in self.crypto.peers:
                 await self.public_key(to)
             sealed, enc = self.crypto.seal_p2p(to, msg_id, text)
@@ -703,15 +747,22 @@ class TcpDevice(_E2E):
             frame = self._frame("SEND_MESSAGE_P2P", [to, text, self.device_id, msg_id], msg_id)
         return await self._submit(msg_id, frame)
 
-    async def publish(self, topic: str, text: str, *, id: str | None = None) -> str:
+    async def publish(
+        self, topic: str, text: str, *, id: str | None = None, e2e: bool = True
+    ) -> str:
         """Send a message to a topic the device is a member of; return its id once
-        every other member's copy is accepted. v1: returns ``""`` once written."""
+        every other member's copy is accepted. v1: returns ``""`` once written.
+        ``e2e=False``: plaintext over the connection (a topic with gateway-terminated
+        members, which hold no group key)."""
         if self.v1:
             await self._write_when_ready(self._frame("SEND_MESSAGE_TOPIC", [topic, text], ""))
             self.sent += 1
             return ""
         msg_id = self._check_id(id)
-        if self.crypto is not None:
+        if self.psk is not None:
+            sealed, enc = self.psk.seal("topic", topic, msg_id, text)
+            frame = self._frame("SEND_MESSAGE_TOPIC_E2E", [topic, sealed, enc, msg_id], msg_id)
+        elif self.crypto is not None and e2e:
             try:
                 sealed, enc = self.crypto.seal_topic(topic, msg_id, text)
             except CryptoError as exc:

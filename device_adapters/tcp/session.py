@@ -17,6 +17,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, cast
 
 from device_adapters.tcp.framing import FrameDecoder, FrameError, append_frame
@@ -24,6 +25,7 @@ from device_adapters.tcp.listener import TcpListener
 from fishchat_iot import errors
 from fishchat_iot.core.envelope import KIND_TOPIC, Envelope
 from fishchat_iot.core.session import Mode, Session
+from fishchat_iot.crypto.gateway import ENC_PSK, seal_to_device
 from fishchat_iot.crypto.seal import CryptoError, parse_enc
 from fishchat_iot.limits import DeviceRate, host_of, limits_for
 from fishchat_iot.roles.msg_server import MsgServer, valid_name
@@ -333,6 +335,10 @@ class TcpSession(Session, asyncio.Protocol):
 
     # -- Session: what the core emits -------------------------------------------------
     def emit_message(self, env: Envelope) -> None:
+        if env.enc == "none" and not self.v1:
+            key = self.server.psk.cached(self)
+            if key:  # a gateway-terminated device: sealed under its PSK on its last hop
+                env = replace(env, body=seal_to_device(key, env), enc=ENC_PSK)
         if env.enc != "none":
             self._emit_sealed(env)
         elif env.kind == KIND_TOPIC:
@@ -466,10 +472,11 @@ def _check_e2e(s: TcpSession, cmd: str, body: str, enc: str, mid: str) -> bool:
     return True
 
 
-def _send_p2p_e2e(s: TcpSession, args: list[str]) -> None:
-    # [to, sealed_b64, enc, id]
+def _send_p2p_e2e(s: TcpSession, args: list[str]) -> asyncio.Task[Any] | None:
+    # [to, sealed_b64, enc, id]; a PSK-sealed body is opened first (a task)
     if _check_e2e(s, "SEND_MESSAGE_P2P_E2E", args[1], args[2], args[3]):
-        s.server.send_p2p(s, args[0], args[1], args[3], args[2])
+        return s.server.send_p2p(s, args[0], args[1], args[3], args[2])
+    return None
 
 
 def _send_topic_e2e(s: TcpSession, args: list[str]) -> asyncio.Task[Any] | None:

@@ -27,6 +27,8 @@ from fishchat_iot.bus.base import Bus, NodeInfo
 from fishchat_iot.config import Settings
 from fishchat_iot.core.envelope import KIND_P2P, KIND_TOPIC, Envelope
 from fishchat_iot.core.session import Mode, Session
+from fishchat_iot.crypto.gateway import ENC_PSK, PskKeys, open_from_device
+from fishchat_iot.crypto.seal import CryptoError
 from fishchat_iot.ids import IdGenerator, OrderKeys
 from fishchat_iot.roles.manager import Manager, now_ms
 from fishchat_iot.roles.monitor_metrics import Histogram
@@ -96,6 +98,7 @@ class MsgServer:
         # Set when the latest hand-off has passed its registry check (see _hand_off).
         self._handoff_gate: asyncio.Future[None] | None = None
         manager.on_revoked.append(self.revoked)
+        self.psk = PskKeys(manager)  # gateway-terminated devices (crypto/gateway.py)
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -295,10 +298,16 @@ class MsgServer:
             return None
         return msg_id
 
-    def send_p2p(self, s: Session, to: str, body: str, msg_id: str = "", enc: str = "none") -> None:
+    def send_p2p(
+        self, s: Session, to: str, body: str, msg_id: str = "", enc: str = "none"
+    ) -> asyncio.Task[None] | None:
+        """Returns a task when the body must be opened first (a PSK-sealed body): the
+        adapter holds the session's next commands until it is done."""
         mid = self._check_id(s, msg_id)
         if mid is None:
-            return
+            return None
+        if enc == ENC_PSK:
+            return self._psk_send(s, KIND_P2P, to, body, mid)
         env = Envelope(mid, s.device_id, to, body, now_ms(), self.okeys.next(), KIND_P2P)
         if enc != "none":
             env.enc = enc
@@ -307,7 +316,7 @@ class MsgServer:
                 # A v1 session is never sent a sealed body (it could not open it).
                 s.emit_error(errors.E2E_UNSUPPORTED, f"{to!r} is on a v1 session", mid)
                 s.mark_dirty()
-                return
+                return None
         offer = self._offer(env)
         if offer is Offer.LIVE or offer is Offer.DUPLICATE:
             if offer is Offer.LIVE:
@@ -318,6 +327,57 @@ class MsgServer:
             self._refuse_duplicate(s, mid, to)
         else:
             self._hand_off([env], s, accepted=False, check_recipient=True)
+        return None
+
+    def _psk_send(self, s: Session, kind: str, to: str, body: str, mid: str) -> asyncio.Task[None]:
+        """A body sealed under the sender's pre-shared key (gateway-terminated device,
+        docs/crypto.md section 7): open it, then send the plaintext like any other (it
+        is sealed at rest if it is queued). A body that does not open is refused with
+        BAD_SEAL and goes nowhere."""
+        self._begin_receipt(s)
+        return self.spawn(self._psk_open_and_send(s, kind, to, body, mid), "send-psk")
+
+    async def _psk_open_and_send(self, s: Session, kind: str, to: str, body: str, mid: str) -> None:
+        try:
+            key = await self.psk.load(s)
+        except StoreUnavailable:
+            s.emit_error(errors.UNAVAILABLE, "registry unavailable, retry later", mid)
+            s.mark_dirty()
+            return
+        except CryptoError as exc:
+            log.error("cannot use the pre-shared key of %s: %s", s.device_id, exc)
+            s.emit_error(errors.UNAVAILABLE, "the gateway cannot use this device's key", mid)
+            s.mark_dirty()
+            return
+        finally:
+            self._end_receipt(s)
+        if s.mode is Mode.CLOSED:
+            return  # not accepted: the device sends it again in its next session
+        if key is None:
+            s.emit_error(
+                errors.E2E_UNSUPPORTED,
+                f"device {s.device_id!r} has no pre-shared key (registered without --psk)",
+                mid,
+            )
+            s.mark_dirty()
+            return
+        try:
+            text = open_from_device(key, s.device_id, to, kind, mid, body)
+        except CryptoError as exc:
+            log.warning("PSK-sealed message %s from %s does not open: %s", mid, s.device_id, exc)
+            s.emit_error(
+                errors.BAD_SEAL,
+                f"the body does not open under this device's pre-shared key ({exc}): not accepted",
+                mid,
+            )
+            s.mark_dirty()
+            return
+        if kind == KIND_P2P:
+            self.send_p2p(s, to, text, mid)
+        else:
+            task = self.send_topic(s, to, text, mid)
+            if task is not None:
+                await task
 
     def send_topic(
         self, s: Session, name: str, body: str, msg_id: str = "", enc: str = "none"
@@ -327,6 +387,8 @@ class MsgServer:
         mid = self._check_id(s, msg_id)
         if mid is None:
             return None
+        if enc == ENC_PSK:
+            return self._psk_send(s, KIND_TOPIC, name, body, mid)
         topic = self.manager.cached_topic(name)
         if topic is False:  # not cached: look it up first
             self._begin_receipt(s)
@@ -564,6 +626,19 @@ class MsgServer:
         device = s.device_id
         store = self.manager.store
         try:
+            # A gateway-terminated device's deliveries are sealed under its PSK by the
+            # transport (emit_message): know the key before anything is written to it.
+            while self.psk.cached(s) is False and s.mode is Mode.BACKLOG:
+                try:
+                    await self.psk.load(s)
+                except StoreUnavailable as exc:
+                    log.warning("cannot read the key of %s: %s; retrying", device, exc)
+                    await asyncio.sleep(0.5)
+                except CryptoError as exc:
+                    log.error("cannot use the pre-shared key of %s: %s", device, exc)
+                    s.drop(errors.UNAVAILABLE, "the gateway cannot use this device's key")
+                    self.session_closed(s)
+                    return
             while s.mode is Mode.BACKLOG:
                 room = self.window - len(s.inflight)
                 if room <= 0 or not s.can_write():
