@@ -317,8 +317,9 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     print(f"public key: {public_key or '- (pre-shared key in the bundle)'}")
     print(f"bundle: {written} (mode 0600)")
     print(
-        "note: live sessions keep running until they reconnect; peers fetch the new public "
-        "key (GET_PUBLIC_KEY) after their next failure to open"
+        "note: a running server cuts the device's live sessions within seconds (they log "
+        "in again only with the new bundle); peers fetch the new public key "
+        "(GET_PUBLIC_KEY) after their next failure to open"
     )
     return 0
 

@@ -98,6 +98,7 @@ class MsgServer:
         # Set when the latest hand-off has passed its registry check (see _hand_off).
         self._handoff_gate: asyncio.Future[None] | None = None
         manager.on_revoked.append(self.revoked)
+        manager.on_rotated.append(self.rotated)
         self.psk = PskKeys(manager)  # gateway-terminated devices (crypto/gateway.py)
 
     # -- lifecycle ---------------------------------------------------------------
@@ -270,6 +271,15 @@ class MsgServer:
         if s is not None:
             log.warning("device %s revoked: closing its session", device_id)
             s.drop(errors.REVOKED, f"device {device_id!r} was revoked")
+            self.session_closed(s)
+
+    def rotated(self, device_id: str) -> None:
+        """``device rotate``: the session logged in with credentials that are void now.
+        Not a final error: a device that has its new bundle logs in again."""
+        s = self.sessions.get(device_id)
+        if s is not None:
+            log.warning("device %s has new credentials: closing its session", device_id)
+            s.drop(errors.CREDENTIALS_CHANGED, f"the credentials of {device_id!r} were replaced")
             self.session_closed(s)
 
     # -- sending -------------------------------------------------------------------

@@ -68,7 +68,8 @@ _SCHEMA = (
         revoked_ms INTEGER NOT NULL DEFAULT 0,
         public_key TEXT NOT NULL DEFAULT '',
         meta TEXT NOT NULL DEFAULT '{}',
-        psk TEXT NOT NULL DEFAULT ''
+        psk TEXT NOT NULL DEFAULT '',
+        rotated_ms INTEGER NOT NULL DEFAULT 0
     )""",
     """CREATE TABLE IF NOT EXISTS topics (
         name TEXT PRIMARY KEY,
@@ -200,12 +201,20 @@ def _device_from_row(row: sqlite3.Row | tuple[Any, ...]) -> DeviceRecord:
         public_key=row[6],
         meta=json.loads(row[7]) if row[7] else {},
         psk=row[8],
+        rotated_ms=row[9],
     )
 
 
-_DEVICE_COLUMNS = "id, token_hash, v1, revoked, created_ms, revoked_ms, public_key, meta, psk"
+_DEVICE_COLUMNS = (
+    "id, token_hash, v1, revoked, created_ms, revoked_ms, public_key, meta, psk, rotated_ms"
+)
 # Schema version -> what brings a file of that version to the next one.
-_MIGRATIONS = {1: ("ALTER TABLE devices ADD COLUMN psk TEXT NOT NULL DEFAULT ''",)}
+_MIGRATIONS = {
+    1: (
+        "ALTER TABLE devices ADD COLUMN psk TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE devices ADD COLUMN rotated_ms INTEGER NOT NULL DEFAULT 0",
+    )
+}
 
 
 class SqliteStore(Store):
@@ -293,7 +302,7 @@ class SqliteStore(Store):
     async def add_device(self, device: DeviceRecord) -> None:
         def op(conn: sqlite3.Connection) -> None:
             cur = conn.execute(
-                f"INSERT OR IGNORE INTO devices ({_DEVICE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR IGNORE INTO devices ({_DEVICE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
                     device.id,
                     bytes(device.token_hash),
@@ -304,6 +313,7 @@ class SqliteStore(Store):
                     device.public_key,
                     json.dumps(device.meta, sort_keys=True),
                     device.psk,
+                    device.rotated_ms,
                 ),
             )
             if cur.rowcount == 0:
@@ -344,9 +354,9 @@ class SqliteStore(Store):
     ) -> None:
         def op(conn: sqlite3.Connection) -> None:
             cur = conn.execute(
-                "UPDATE devices SET token_hash = ?, public_key = ?, psk = coalesce(?, psk)"
-                " WHERE id = ?",
-                (bytes(token_hash), public_key, psk, device_id),
+                "UPDATE devices SET token_hash = ?, public_key = ?, psk = coalesce(?, psk),"
+                " rotated_ms = ? WHERE id = ?",
+                (bytes(token_hash), public_key, psk, _now_ms(), device_id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"no device {device_id!r}")
@@ -360,6 +370,16 @@ class SqliteStore(Store):
                 (since_ms,),
             )
             return [row[0] for row in rows]
+
+        return await self._call(op, write=False)
+
+    async def rotated_since(self, since_ms: int) -> list[tuple[str, int]]:
+        def op(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+            rows = conn.execute(
+                "SELECT id, rotated_ms FROM devices WHERE rotated_ms >= ? ORDER BY id",
+                (max(since_ms, 1),),
+            )
+            return [(row[0], row[1]) for row in rows]
 
         return await self._call(op, write=False)
 

@@ -133,6 +133,7 @@ async def test_a_version_1_file_is_migrated_and_keeps_its_devices(db_path: Path)
     async with opened(db_path) as store:
         old = await store.get_device("old")
         assert old is not None and old.psk == "" and old.token_hash == b"\x01"
+        assert old.rotated_ms == 0
         await store.add_device(DeviceRecord("new", b"\x01" * 32, psk="sealed"))
         new = await store.get_device("new")
         assert new is not None and new.psk == "sealed"

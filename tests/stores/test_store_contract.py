@@ -123,6 +123,19 @@ async def test_set_credentials_keeps_or_replaces_the_psk(store: Store) -> None:
     assert d1 is not None and (d1.token_hash, d1.psk) == (b"\x03" * 32, "sealed-2")
 
 
+async def test_rotated_since_names_devices_whose_credentials_changed(store: Store) -> None:
+    await store.add_device(device("d1"))
+    await store.add_device(device("d2"))
+    assert await store.rotated_since(0) == []  # never rotated
+    before = int(time.time() * 1000)
+    await store.set_credentials("d1", b"\x02" * 32, "k")
+    after = int(time.time() * 1000)
+    d1 = await store.get_device("d1")
+    assert d1 is not None and before <= d1.rotated_ms <= after
+    assert await store.rotated_since(before) == [("d1", d1.rotated_ms)]
+    assert await store.rotated_since(after + 1) == []
+
+
 async def test_set_credentials_unknown_device_raises(store: Store) -> None:
     with pytest.raises(NotFound):
         await store.set_credentials("ghost", b"\x02" * 32, "")
