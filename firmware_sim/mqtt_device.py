@@ -479,6 +479,7 @@ class MqttDevice(_E2E):
 
     async def create_topic(self, name: str) -> None:
         await self._request_reply("create_topic", name)
+        self._topic_owners[name] = self.device_id  # topic keys come from the owner only
 
     async def join_topic(self, name: str) -> str:
         """Join a topic; returns the address the gateway names (its msg_server)."""

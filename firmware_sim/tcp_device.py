@@ -38,7 +38,10 @@ What it does for the application:
   sealed deliveries are opened before they reach the inbox (``Message.enc`` says how
   they came) and ones that do not open are acked, dropped and counted in
   ``open_failed``. Topic owners hand out group keys with ``share_topic_key`` (at
-  creation and after a member leaves) and ``send_topic_key`` (a late joiner).
+  creation and after a member leaves) and ``send_topic_key`` (a late joiner); a
+  member takes a topic key from the topic's owner only (``set_topic_owner`` pins it,
+  else the SDK asks the server with ``GET_TOPIC_OWNER``) and counts others in
+  ``topic_keys_refused``.
 * **Gateway-terminated devices** (``psk=``, or a bundle of ``device register --psk``,
   which ``from_bundle`` picks up): everything sent is sealed under the device's
   pre-shared key for the gateway (``enc`` ``psk-chacha20poly1305``), every delivery
@@ -292,6 +295,7 @@ class _E2E:
     _acks: list[str]
     _held: dict[tuple[str, str], list[tuple[Message, str]]]
     _held_timers: dict[tuple[str, str], asyncio.TimerHandle]
+    _topic_owners: dict[str, str]
 
     def _init_e2e(
         self, private_key: str | bytes | None, key_wait: float, psk: str | bytes | None = None
@@ -312,6 +316,9 @@ class _E2E:
         self.opened = 0  # sealed messages opened
         self.open_failed = 0  # sealed messages that did not open (tampered, no key): dropped
         self.topic_keys_received = 0
+        self.topic_keys_refused = 0  # topic keys from a device that does not own the topic
+        # topic -> its owner's device id: topic keys are taken from the owner only.
+        self._topic_owners = {}
 
     def _clear_held(self) -> None:
         """A new session: held deliveries were not acked, the server sends them again."""
@@ -334,6 +341,19 @@ class _E2E:
         """Ask the server for a public key without waiting (the answer comes in order
         with the deliveries and ends in ``_got_public_key``)."""
         raise NotImplementedError
+
+    def _ask_topic_owner(self, topic: str) -> bool:
+        """Ask the server who owns ``topic`` without waiting (the answer ends in
+        ``_got_topic_owner``); False when this transport cannot ask."""
+        return False
+
+    # -- topic owners ----------------------------------------------------------------
+    def set_topic_owner(self, topic: str, owner: str) -> None:
+        """Pin the owner of ``topic`` (from provisioning, say): topic keys are then taken
+        from ``owner`` only, without asking the server. A device that creates a topic
+        is its owner; otherwise the SDK asks the server (``GET_TOPIC_OWNER``) the first
+        time a key for the topic arrives."""
+        self._topic_owners[topic] = owner
 
     # -- topic keys --------------------------------------------------------------
     async def share_topic_key(self, topic: str, members: Sequence[str]) -> int:
@@ -394,19 +414,44 @@ class _E2E:
             return
         try:
             opened = crypto.open(
-                sender=msg.sender, msg_id=msg.id, body=msg.text, enc=enc, topic=msg.topic
+                sender=msg.sender,
+                msg_id=msg.id,
+                body=msg.text,
+                enc=enc,
+                topic=msg.topic,
+                apply_control=False,
             )
         except CryptoError as exc:
             self._reject(msg, str(exc))
             return
         self.opened += 1
         if opened.control is not None:
-            # A topic key: consumed by the SDK, never on the inbox.
-            self.topic_keys_received += 1
+            # A topic key: consumed by the SDK, never on the inbox, and taken only from
+            # the topic's owner (anyone can seal a p2p message to a member).
+            ctl = opened.control
+            topic = str(ctl["topic"])
+            owner = self._topic_owners.get(topic)
+            if owner is None:
+                if ("owner", topic) in self._held or self._ask_topic_owner(topic):
+                    self.opened -= 1  # opened again once the owner is known
+                    self._hold(("owner", topic), msg, enc)
+                    return
+                owner = ""  # cannot be asked and not pinned: nobody's key is taken
             self._seen[key] = True
             self._acks.append(msg.id)
-            ctl = opened.control
-            await self._release(("topic", f"{ctl['topic']}:{ctl['epoch']}"))
+            if msg.sender != owner:
+                self.topic_keys_refused += 1
+                log.warning(
+                    "%s: ignored a key for topic %r from %s, which does not own it (owner: %s)",
+                    self.device_id,
+                    topic,
+                    msg.sender,
+                    owner or "unknown",
+                )
+                return
+            crypto.apply_control(ctl)
+            self.topic_keys_received += 1
+            await self._release(("topic", f"{topic}:{ctl['epoch']}"))
             return
         await self._deliver(replace(msg, text=opened.text, enc=enc))
 
@@ -459,6 +504,11 @@ class _E2E:
             timer.cancel()
         for msg, enc in self._held.pop(hkey, []):
             await self._deliver_sealed(msg, enc)
+
+    async def _got_topic_owner(self, topic: str, owner: str) -> None:
+        """The server named the owner of a topic: decide on the keys that waited."""
+        self._topic_owners.setdefault(topic, owner)
+        await self._release(("owner", topic))
 
     async def _got_public_key(self, device_id: str, b64: str) -> None:
         """A peer's public key arrived: cache it, then open what waited for it."""
@@ -795,6 +845,7 @@ class TcpDevice(_E2E):
             await self._write_when_ready(frame)
             return
         await self._request_reply("CREATE_TOPIC", name, frame)
+        self._topic_owners[name] = self.device_id
 
     async def join_topic(self, name: str) -> str:
         """Join a topic; returns the msg_server address from LOCATE_TOPIC_MSG_ADDR.
@@ -1228,6 +1279,8 @@ class TcpDevice(_E2E):
                 await self._deliver_sealed(msg, args[5])
             else:
                 await self._deliver(msg)
+        elif cmd == "TOPIC_OWNER" and n >= 2:
+            await self._got_topic_owner(args[0], args[1])
         elif cmd == "PUBLIC_KEY" and n >= 2:
             await self._got_public_key(args[0], args[1])
             self._answer("GET_PUBLIC_KEY", args[0], args[1])
@@ -1266,6 +1319,9 @@ class TcpDevice(_E2E):
             if ("peer", ref) in self._held and code != errors.UNAVAILABLE:
                 # The sender of held sealed messages has no key (unknown, revoked).
                 self._drop_held(("peer", ref), f"{code} {text}")
+            if ("owner", ref) in self._held:
+                # No owner to check a held topic key against: it is not taken.
+                self._drop_held(("owner", ref), f"topic owner unknown: {code} {text}")
             out = self._outgoing.get(ref)
             if out is not None:
                 if code == errors.UNAVAILABLE and self.retry_unavailable and not self._closing:
@@ -1317,6 +1373,11 @@ class TcpDevice(_E2E):
 
     def _ask_public_key(self, device_id: str) -> None:
         self._write(encode_frame("GET_PUBLIC_KEY", [device_id]))
+
+    def _ask_topic_owner(self, topic: str) -> bool:
+        # Not written (the session is ending): the key stays unacked and comes again.
+        self._write(encode_frame("GET_TOPIC_OWNER", [topic]))
+        return True
 
     def _flush_acks(self) -> None:
         """Write the acks gathered from one read: v1 sessions one ``P2P_ACK [client_id,

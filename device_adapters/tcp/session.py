@@ -503,6 +503,27 @@ async def _public_key(s: TcpSession, device_id: str) -> None:
     s.mark_dirty()
 
 
+def _get_topic_owner(s: TcpSession, args: list[str]) -> asyncio.Task[Any]:
+    return s.server.spawn(_topic_owner(s, args[0]), "topic-owner")
+
+
+async def _topic_owner(s: TcpSession, name: str) -> None:
+    """``GET_TOPIC_OWNER [name]`` -> ``TOPIC_OWNER [name, owner]``, for members: their
+    SDK takes a topic key only from the topic's owner (docs/crypto.md section 5)."""
+    try:
+        topic = await s.server.manager.topic(name)
+    except StoreUnavailable:
+        s.emit_error(errors.UNAVAILABLE, "registry unavailable, retry later", name)
+    else:
+        if topic is None:
+            s.emit_error(errors.UNKNOWN_TOPIC, f"no topic {name!r}", name)
+        elif s.device_id not in topic.members:
+            s.emit_error(errors.NOT_A_MEMBER, f"not a member of topic {name!r}", name)
+        elif not s.v1:
+            append_frame(s.out, "TOPIC_OWNER", [name, topic.owner])
+    s.mark_dirty()
+
+
 def _logout(s: TcpSession, args: list[str]) -> None:
     if not s.v1:
         append_frame(s.out, "OK", ["LOGOUT", s.device_id])
@@ -538,4 +559,5 @@ COMMANDS: dict[str, tuple[int, int, Handler]] = {
     "SEND_MESSAGE_P2P_E2E": (4, 4, _send_p2p_e2e),
     "SEND_MESSAGE_TOPIC_E2E": (4, 4, _send_topic_e2e),
     "GET_PUBLIC_KEY": (1, 1, _get_public_key),
+    "GET_TOPIC_OWNER": (1, 1, _get_topic_owner),
 }

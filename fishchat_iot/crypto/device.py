@@ -121,9 +121,20 @@ class DeviceCrypto:
         return b64e(seal_body(key, h, text.encode("utf-8"))), enc_label(ENC_GROUP, epoch)
 
     # -- opening ---------------------------------------------------------------------
-    def open(self, *, sender: str, msg_id: str, body: str, enc: str, topic: str = "") -> Opened:
+    def open(
+        self,
+        *,
+        sender: str,
+        msg_id: str,
+        body: str,
+        enc: str,
+        topic: str = "",
+        apply_control: bool = True,
+    ) -> Opened:
         """Open a delivery; CryptoError when it cannot be (tampered, wrong key, wrong
-        recipient). A p2p topic-key control message is applied and returned as such."""
+        recipient). A p2p topic-key control message is returned as such, and applied
+        unless ``apply_control`` is False (the SDKs first check that its sender owns
+        the topic, then call ``apply_control``)."""
         if enc == ENC_NONE:
             raise CryptoError("plaintext message on an end-to-end session")
         scheme, epoch = parse_enc(enc)
@@ -142,9 +153,13 @@ class DeviceCrypto:
         h = Header(msg_id, sender, self.device_id, ts, "p2p", ENC_P2P, 0)
         text = open_body(self.pair_key(sender), h, sealed).decode("utf-8", "replace")
         ctl = _control(text)
-        if ctl is not None:
-            self.set_topic_key(str(ctl["topic"]), int(str(ctl["epoch"])), b64d(str(ctl["key"])))
+        if ctl is not None and apply_control:
+            self.apply_control(ctl)
         return Opened(text, ctl)
+
+    def apply_control(self, ctl: dict[str, object]) -> None:
+        """Take the topic key a control message hands over."""
+        self.set_topic_key(str(ctl["topic"]), int(str(ctl["epoch"])), b64d(str(ctl["key"])))
 
 
 def _control(text: str) -> dict[str, object] | None:
