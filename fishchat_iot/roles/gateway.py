@@ -10,6 +10,9 @@ class Gateway:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self._turn = 0
+        # The TLS msg_server listener of this deployment ("" = none): the answer to a
+        # device that asks for TLS (REQ_MSG_SERVER ["tls"], docs/protocol.md).
+        self.tls_address = ""
 
     async def pick_msg_server(self) -> str | None:
         """Address of the live msg_server with the fewest sessions; ties take turns."""
