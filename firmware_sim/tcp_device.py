@@ -42,6 +42,9 @@ What it does for the application:
   member takes a topic key from the topic's owner only (``set_topic_owner`` pins it,
   else the SDK asks the server with ``GET_TOPIC_OWNER``) and counts others in
   ``topic_keys_refused``.
+* **TLS** (``tls=`` an ``ssl.SSLContext``, or ``from_bundle(path, tls=True)``, which
+  trusts only the bundle's ``ca``): the gateway is asked for its TLS msg_server
+  (``REQ_MSG_SERVER ["tls"]``) and the session runs over TLS.
 * **Gateway-terminated devices** (``psk=``, or a bundle of ``device register --psk``,
   which ``from_bundle`` picks up): everything sent is sealed under the device's
   pre-shared key for the gateway (``enc`` ``psk-chacha20poly1305``), every delivery
@@ -66,6 +69,7 @@ import collections
 import contextlib
 import logging
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -562,6 +566,7 @@ class TcpDevice(_E2E):
         private_key: str | bytes | None = None,
         key_wait: float = 10.0,
         psk: str | bytes | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if not device_id:
             raise ValueError("device_id must not be empty")
@@ -572,6 +577,10 @@ class TcpDevice(_E2E):
         self.v1 = v1
         self._gateways = _as_list(gateway)
         self._msg_servers = _as_list(msg_server)
+        # TLS: ask gateways for the TLS msg_server (REQ_MSG_SERVER ["tls"]) and log in
+        # over TLS, checking the server with this context (``msg_server`` addresses
+        # are then TLS listeners too).
+        self.tls = tls
         if not self._gateways and not self._msg_servers and self._needs_address:
             raise ValueError("give a gateway or a msg_server address ('host:port')")
         for addr in (*self._gateways, *self._msg_servers):
@@ -629,10 +638,13 @@ class TcpDevice(_E2E):
         gateway: str | Sequence[str] | None = None,
         msg_server: str | Sequence[str] | None = None,
         e2e: bool = False,
+        tls: bool = False,
         **kwargs: Any,
     ) -> TcpDevice:
         """A token-session device from a provisioning bundle (a Bundle, its decoded JSON
         or the path of the file). ``gateway`` / ``msg_server`` override the bundle's.
+        ``tls=True`` connects over TLS, trusting only the bundle's ``ca`` certificate,
+        to the msg_server the gateway names for TLS or the bundle's ``msg_server_tls``.
         ``e2e=True`` seals and opens every message with the bundle's ``private_key``. A
         bundle with a ``psk`` (gateway-terminated device) always uses it."""
         if isinstance(bundle, str | Path):
@@ -641,6 +653,14 @@ class TcpDevice(_E2E):
             bundle = parse_bundle(bundle)
         if bundle.raw.get("psk") and "psk" not in kwargs:
             kwargs["psk"] = bundle.raw["psk"]
+        if tls:
+            ca = bundle.raw.get("ca")
+            if not isinstance(ca, str) or not ca:
+                raise ValueError(f"bundle of {bundle.id!r} has no CA certificate ('ca')")
+            kwargs["tls"] = ssl.create_default_context(cadata=ca)
+            if msg_server is None:
+                raw = bundle.raw.get("msg_server_tls")
+                msg_server = [raw] if isinstance(raw, str) else list(raw or [])
         if e2e and not bundle.raw.get("psk"):
             key = bundle.raw.get("private_key")
             if not isinstance(key, str) or not key:
@@ -1074,7 +1094,7 @@ class TcpDevice(_E2E):
         host, port = parse_address(addr)
         reader, writer = await asyncio.open_connection(host, port)
         try:
-            writer.write(encode_frame("REQ_MSG_SERVER", []))
+            writer.write(encode_frame("REQ_MSG_SERVER", ["tls"] if self.tls else []))
             decoder = FrameDecoder(max(self.max_frame, 1 << 20))
             while True:
                 data = await reader.read(_READ_SIZE)
@@ -1098,7 +1118,12 @@ class TcpDevice(_E2E):
 
     async def _login(self, addr: str) -> _Conn:
         host, port = parse_address(addr)
-        reader, writer = await asyncio.open_connection(host, port)
+        if self.tls is not None:
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=self.tls, server_hostname=host
+            )
+        else:
+            reader, writer = await asyncio.open_connection(host, port)
         decoder = FrameDecoder(max(self.max_frame, 1 << 20))
         try:
             if self.v1:

@@ -87,13 +87,16 @@ def new_bundle(
 def tls_entries(settings: Settings) -> dict[str, Any]:
     """With ``tls.enabled``: the TLS addresses (``msg_server_tls``, and ``mqtt_tls`` for
     the embedded broker) and the CA certificate (``ca``, PEM) devices check the server
-    with. No ``ca`` when there is no CA file yet (``fishchat-iot certs init``)."""
+    with. No ``ca`` when there is no CA file yet (``fishchat-iot certs init``); no
+    address for a port of 0 (picked at each start: see ``up``'s output)."""
     from fishchat_iot.tls import paths
 
     host = settings.node.advertise_host
     t = settings.tls
-    out: dict[str, Any] = {"msg_server_tls": [host_port(host, t.msg_port)]}
-    if settings.mqtt.mode == "embedded":
+    out: dict[str, Any] = {}
+    if t.msg_port:
+        out["msg_server_tls"] = [host_port(host, t.msg_port)]
+    if settings.mqtt.mode == "embedded" and t.mqtt_port:
         out["mqtt_tls"] = [host_port(host, t.mqtt_port)]
     ca = paths(settings.data_dir / "certs", t.cert, t.key, t.ca).ca_cert
     try:

@@ -29,7 +29,8 @@ async def test_bundle_has_the_ca_and_the_gateway_names_the_tls_msg_server(
     bundle: dict[str, Any] = json.loads(await asyncio.to_thread(read_text, out["bundle"]))
     ca = await asyncio.to_thread(read_text, certs_dir(tls_server) / "ca.pem")
     assert bundle["ca"] == ca and "BEGIN CERTIFICATE" in ca
-    assert "msg_server_tls" in bundle and "mqtt_tls" in bundle
+    # this server's TLS ports are 0 (picked at start): no address to write down
+    assert "msg_server_tls" not in bundle and "mqtt_tls" not in bundle
     # the gateway: ["tls"] -> the TLS listener, [] -> the plain one (v1)
     async with await RawClient.connect(tls_server.gateway, "gateway") as gw:
         await gw.send("REQ_MSG_SERVER", "tls")
@@ -54,3 +55,66 @@ async def test_without_tls_the_gateway_does_not_downgrade(up_server_factory: Any
         await gw.send("REQ_MSG_SERVER", "tls")
         await gw.expect_error(errors.UNAVAILABLE)
     assert await gateway_lookup(server.gateway) == server.msg_server
+
+
+async def test_sdk_device_uses_tls_from_its_bundle(tls_server: ServerProcess, uid: str) -> None:
+    from firmware_sim.tcp_device import CONNECT_FAILED, DeviceError, TcpDevice
+
+    bundles = []
+    for n in "ab":
+        out = json.loads(tls_server.cli("device", "register", f"{uid}-{n}", "--json").stdout)
+        bundles.append(json.loads(await asyncio.to_thread(read_text, out["bundle"])))
+    ba, bb = bundles
+    # over the gateway: it names the TLS listener, the device checks it against the CA
+    a = TcpDevice.from_bundle(ba, gateway=tls_server.gateway, tls=True)
+    b = TcpDevice.from_bundle(
+        bb, gateway=[], msg_server=tls_server.ready["msg_server_tls"], tls=True
+    )
+    async with a, b:
+        assert a.address == b.address == tls_server.ready["msg_server_tls"]
+        await a.send(bb["id"], "over TLS")
+        msg = await b.receive(timeout=10)
+        assert (msg.sender, msg.text) == (ba["id"], "over TLS")
+    # a CA that did not sign the server's certificate: no session
+    other = dict(ba, ca=_another_ca())
+    dev = TcpDevice.from_bundle(
+        other, gateway=[], msg_server=tls_server.ready["msg_server_tls"], tls=True, reconnect=False
+    )
+    try:
+        await dev.connect()
+        raise AssertionError("connected with a CA that did not sign the server certificate")
+    except DeviceError as exc:
+        assert exc.code == CONNECT_FAILED and "certificate verify failed" in exc.text, exc
+    finally:
+        await dev.close()
+
+
+def test_bundle_tls_entries_with_fixed_ports(tmp_path: Path) -> None:
+    from fishchat_iot import tls as tlsmod
+    from fishchat_iot.bundle import new_bundle
+    from fishchat_iot.config import load_settings
+
+    settings = load_settings(
+        overrides={"node.data_dir": str(tmp_path), "tls.enabled": True, "tls.msg_port": 19443}
+    )
+    b = new_bundle("d", "tok", settings, v1=False, created_ms=1)
+    assert "ca" not in b  # no CA yet
+    assert b["msg_server_tls"] == ["127.0.0.1:19443"] and b["mqtt_tls"] == ["127.0.0.1:8883"]
+    tlsmod.create_ca(tlsmod.paths(tmp_path / "certs"))
+    b = new_bundle("d", "tok", settings, v1=False, created_ms=1)
+    assert b["ca"] == (tmp_path / "certs" / "ca.pem").read_text()
+    off = load_settings(overrides={"node.data_dir": str(tmp_path)})
+    assert not {"ca", "msg_server_tls", "mqtt_tls"} & set(
+        new_bundle("d", "t", off, v1=False, created_ms=1)
+    )
+
+
+def _another_ca() -> str:
+    import tempfile
+
+    from fishchat_iot import tls as tlsmod
+
+    with tempfile.TemporaryDirectory() as d:
+        p = tlsmod.paths(Path(d))
+        tlsmod.create_ca(p, name="Not FishChat")
+        return p.ca_cert.read_text()
