@@ -224,6 +224,7 @@ class MqttDevice(_E2E):
         id_prefix: str | None = None,
         private_key: str | bytes | None = None,
         key_wait: float = 10.0,
+        psk: str | bytes | None = None,
     ) -> None:
         if not device_id:
             raise ValueError("device_id must not be empty")
@@ -281,7 +282,7 @@ class MqttDevice(_E2E):
         self.pubacked = 0  # PUBACKs from the broker for our messages (not receipts!)
         self.server_errors: collections.deque[tuple[str, str, str]] = collections.deque(maxlen=100)
         # End-to-end encryption (docs/crypto.md): on when the device has its private key.
-        self._init_e2e(private_key, key_wait)
+        self._init_e2e(private_key, key_wait, psk)
 
     @classmethod
     def from_bundle(
@@ -298,7 +299,9 @@ class MqttDevice(_E2E):
             bundle = load_bundle(bundle)
         elif not isinstance(bundle, Bundle):
             bundle = parse_bundle(bundle)
-        if e2e:
+        if bundle.raw.get("psk") and "psk" not in kwargs:
+            kwargs["psk"] = bundle.raw["psk"]  # gateway-terminated: always sealed
+        if e2e and not bundle.raw.get("psk"):
             key = bundle.raw.get("private_key")
             if not isinstance(key, str) or not key:
                 raise ValueError(f"bundle of {bundle.id!r} has no private_key: register again")
@@ -421,10 +424,14 @@ class MqttDevice(_E2E):
         self._stop(DeviceError(CLOSED, "the device is closed"), final=False)
 
     # -- sending -------------------------------------------------------------------------
-    async def send(self, to: str, text: str, *, id: str | None = None) -> str:
-        """A p2p message; returns its id once the gateway accepted it."""
+    async def send(self, to: str, text: str, *, id: str | None = None, e2e: bool = True) -> str:
+        """A p2p message; returns its id once the gateway accepted it. Sealed as
+        ``TcpDevice.send`` seals (end to end, or under the pre-shared key)."""
         msg_id = self._check_id(id)
-        if self.crypto is not None:
+        if self.psk is not None:
+            sealed, enc = self.psk.seal("p2p", to, msg_id, text)
+            payload = orjson.dumps({"id": msg_id, "body": sealed, "enc": enc, "ts": _now_ms()})
+        elif self.crypto is not None and e2e:
             if to not in self.crypto.peers:
                 await self.public_key(to)
             sealed, enc = self.crypto.seal_p2p(to, msg_id, text)
@@ -433,11 +440,16 @@ class MqttDevice(_E2E):
             payload = orjson.dumps({"id": msg_id, "body": text, "ts": _now_ms()})
         return await self._submit(msg_id, f"{self.prefix}p2p/{to}", payload)
 
-    async def publish(self, topic: str, text: str, *, id: str | None = None) -> str:
+    async def publish(
+        self, topic: str, text: str, *, id: str | None = None, e2e: bool = True
+    ) -> str:
         """A message to a topic the device is a member of; returns its id once every
         other member's copy is accepted."""
         msg_id = self._check_id(id)
-        if self.crypto is not None:
+        if self.psk is not None:
+            sealed, enc = self.psk.seal("topic", topic, msg_id, text)
+            payload = orjson.dumps({"id": msg_id, "body": sealed, "enc": enc, "ts": _now_ms()})
+        elif self.crypto is not None and e2e:
             try:
                 sealed, enc = self.crypto.seal_topic(topic, msg_id, text)
             except CryptoError as exc:
@@ -467,6 +479,7 @@ class MqttDevice(_E2E):
 
     async def create_topic(self, name: str) -> None:
         await self._request_reply("create_topic", name)
+        self._topic_owners[name] = self.device_id  # topic keys come from the owner only
 
     async def join_topic(self, name: str) -> str:
         """Join a topic; returns the address the gateway names (its msg_server)."""

@@ -38,7 +38,19 @@ What it does for the application:
   sealed deliveries are opened before they reach the inbox (``Message.enc`` says how
   they came) and ones that do not open are acked, dropped and counted in
   ``open_failed``. Topic owners hand out group keys with ``share_topic_key`` (at
-  creation and after a member leaves) and ``send_topic_key`` (a late joiner).
+  creation and after a member leaves) and ``send_topic_key`` (a late joiner); a
+  member takes a topic key from the topic's owner only (``set_topic_owner`` pins it,
+  else the SDK asks the server with ``GET_TOPIC_OWNER``) and counts others in
+  ``topic_keys_refused``.
+* **TLS** (``tls=`` an ``ssl.SSLContext``, or ``from_bundle(path, tls=True)``, which
+  trusts only the bundle's ``ca``): the gateway is asked for its TLS msg_server
+  (``REQ_MSG_SERVER ["tls"]``) and the session runs over TLS.
+* **Gateway-terminated devices** (``psk=``, or a bundle of ``device register --psk``,
+  which ``from_bundle`` picks up): everything sent is sealed under the device's
+  pre-shared key for the gateway (``enc`` ``psk-chacha20poly1305``), every delivery
+  arrives sealed under it and is opened here. A body the gateway could read (from a PSK
+  device, a v1 device, ``e2e=False``) reaches an end-to-end device as plaintext with
+  ``Message.enc == "none"``: never mistaken for an end-to-end message.
 
 :class:`V1Device` speaks exactly the FishChatServer v1 frames (no token, no receipts,
 ``PONG``-less keepalive) for compatibility tests: ``send`` returns ``""`` once the frame
@@ -57,6 +69,7 @@ import collections
 import contextlib
 import logging
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -67,8 +80,8 @@ from typing import Any
 from device_adapters.tcp.framing import FrameDecoder, FrameError, encode_frame
 from firmware_sim.bundle import Bundle, load_bundle, parse_bundle
 from fishchat_iot import errors
-from fishchat_iot.crypto.device import DeviceCrypto
-from fishchat_iot.crypto.seal import CryptoError, b64d
+from fishchat_iot.crypto.device import DeviceCrypto, PskCrypto
+from fishchat_iot.crypto.seal import ENC_PSK, CryptoError, b64d
 from fishchat_iot.ids import IdGenerator
 
 log = logging.getLogger("firmware_sim.tcp")
@@ -276,6 +289,7 @@ class _E2E:
 
     device_id: str
     crypto: DeviceCrypto | None
+    psk: PskCrypto | None
     key_wait: float
     opened: int
     open_failed: int
@@ -285,12 +299,19 @@ class _E2E:
     _acks: list[str]
     _held: dict[tuple[str, str], list[tuple[Message, str]]]
     _held_timers: dict[tuple[str, str], asyncio.TimerHandle]
+    _topic_owners: dict[str, str]
 
-    def _init_e2e(self, private_key: str | bytes | None, key_wait: float) -> None:
+    def _init_e2e(
+        self, private_key: str | bytes | None, key_wait: float, psk: str | bytes | None = None
+    ) -> None:
         self.crypto = None
         if private_key:
             raw = b64d(private_key) if isinstance(private_key, str) else private_key
             self.crypto = DeviceCrypto(self.device_id, raw)
+        # Gateway-terminated mode (docs/crypto.md section 7): the pre-shared key.
+        self.psk = None
+        if psk:
+            self.psk = PskCrypto(self.device_id, b64d(psk) if isinstance(psk, str) else psk)
         self.key_wait = key_wait
         # Sealed deliveries waiting for a key (a peer's public key, a topic epoch key),
         # unacked: ("peer", id) / ("topic", "name:epoch") -> [(message, enc)].
@@ -299,6 +320,9 @@ class _E2E:
         self.opened = 0  # sealed messages opened
         self.open_failed = 0  # sealed messages that did not open (tampered, no key): dropped
         self.topic_keys_received = 0
+        self.topic_keys_refused = 0  # topic keys from a device that does not own the topic
+        # topic -> its owner's device id: topic keys are taken from the owner only.
+        self._topic_owners = {}
 
     def _clear_held(self) -> None:
         """A new session: held deliveries were not acked, the server sends them again."""
@@ -308,7 +332,7 @@ class _E2E:
         self._held.clear()
 
     # -- what the SDK provides ---------------------------------------------------
-    async def send(self, to: str, text: str, *, id: str | None = None) -> str:
+    async def send(self, to: str, text: str, *, id: str | None = None, e2e: bool = True) -> str:
         raise NotImplementedError
 
     async def _deliver(self, msg: Message) -> None:
@@ -321,6 +345,19 @@ class _E2E:
         """Ask the server for a public key without waiting (the answer comes in order
         with the deliveries and ends in ``_got_public_key``)."""
         raise NotImplementedError
+
+    def _ask_topic_owner(self, topic: str) -> bool:
+        """Ask the server who owns ``topic`` without waiting (the answer ends in
+        ``_got_topic_owner``); False when this transport cannot ask."""
+        return False
+
+    # -- topic owners ----------------------------------------------------------------
+    def set_topic_owner(self, topic: str, owner: str) -> None:
+        """Pin the owner of ``topic`` (from provisioning, say): topic keys are then taken
+        from ``owner`` only, without asking the server. A device that creates a topic
+        is its owner; otherwise the SDK asks the server (``GET_TOPIC_OWNER``) the first
+        time a key for the topic arrives."""
+        self._topic_owners[topic] = owner
 
     # -- topic keys --------------------------------------------------------------
     async def share_topic_key(self, topic: str, members: Sequence[str]) -> int:
@@ -354,6 +391,9 @@ class _E2E:
         counted in ``open_failed``; a replayed id is absorbed by the dedupe as always."""
         if self._closing:
             return
+        if enc == ENC_PSK:
+            await self._deliver_psk(msg, enc)
+            return
         key = (msg.sender, msg.id)
         crypto = self.crypto
         if key in self._seen or crypto is None:
@@ -378,21 +418,62 @@ class _E2E:
             return
         try:
             opened = crypto.open(
-                sender=msg.sender, msg_id=msg.id, body=msg.text, enc=enc, topic=msg.topic
+                sender=msg.sender,
+                msg_id=msg.id,
+                body=msg.text,
+                enc=enc,
+                topic=msg.topic,
+                apply_control=False,
             )
         except CryptoError as exc:
             self._reject(msg, str(exc))
             return
         self.opened += 1
         if opened.control is not None:
-            # A topic key: consumed by the SDK, never on the inbox.
-            self.topic_keys_received += 1
+            # A topic key: consumed by the SDK, never on the inbox, and taken only from
+            # the topic's owner (anyone can seal a p2p message to a member).
+            ctl = opened.control
+            topic = str(ctl["topic"])
+            owner = self._topic_owners.get(topic)
+            if owner is None:
+                if ("owner", topic) in self._held or self._ask_topic_owner(topic):
+                    self.opened -= 1  # opened again once the owner is known
+                    self._hold(("owner", topic), msg, enc)
+                    return
+                owner = ""  # cannot be asked and not pinned: nobody's key is taken
             self._seen[key] = True
             self._acks.append(msg.id)
-            ctl = opened.control
-            await self._release(("topic", f"{ctl['topic']}:{ctl['epoch']}"))
+            if msg.sender != owner:
+                self.topic_keys_refused += 1
+                log.warning(
+                    "%s: ignored a key for topic %r from %s, which does not own it (owner: %s)",
+                    self.device_id,
+                    topic,
+                    msg.sender,
+                    owner or "unknown",
+                )
+                return
+            crypto.apply_control(ctl)
+            self.topic_keys_received += 1
+            await self._release(("topic", f"{topic}:{ctl['epoch']}"))
             return
         await self._deliver(replace(msg, text=opened.text, enc=enc))
+
+    async def _deliver_psk(self, msg: Message, enc: str) -> None:
+        """A delivery the gateway sealed under this device's pre-shared key."""
+        if (msg.sender, msg.id) in self._seen:
+            await self._deliver(msg)  # a duplicate: acked again, not delivered
+            return
+        if self.psk is None:
+            self._reject(msg, "sealed under a pre-shared key this device does not have")
+            return
+        try:
+            text = self.psk.open(sender=msg.sender, msg_id=msg.id, body=msg.text, topic=msg.topic)
+        except CryptoError as exc:
+            self._reject(msg, str(exc))
+            return
+        self.opened += 1
+        await self._deliver(replace(msg, text=text, enc=enc))
 
     def _reject(self, msg: Message, why: str) -> None:
         self.open_failed += 1
@@ -427,6 +508,11 @@ class _E2E:
             timer.cancel()
         for msg, enc in self._held.pop(hkey, []):
             await self._deliver_sealed(msg, enc)
+
+    async def _got_topic_owner(self, topic: str, owner: str) -> None:
+        """The server named the owner of a topic: decide on the keys that waited."""
+        self._topic_owners.setdefault(topic, owner)
+        await self._release(("owner", topic))
 
     async def _got_public_key(self, device_id: str, b64: str) -> None:
         """A peer's public key arrived: cache it, then open what waited for it."""
@@ -479,6 +565,8 @@ class TcpDevice(_E2E):
         id_prefix: str | None = None,
         private_key: str | bytes | None = None,
         key_wait: float = 10.0,
+        psk: str | bytes | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if not device_id:
             raise ValueError("device_id must not be empty")
@@ -489,6 +577,10 @@ class TcpDevice(_E2E):
         self.v1 = v1
         self._gateways = _as_list(gateway)
         self._msg_servers = _as_list(msg_server)
+        # TLS: ask gateways for the TLS msg_server (REQ_MSG_SERVER ["tls"]) and log in
+        # over TLS, checking the server with this context (``msg_server`` addresses
+        # are then TLS listeners too).
+        self.tls = tls
         if not self._gateways and not self._msg_servers and self._needs_address:
             raise ValueError("give a gateway or a msg_server address ('host:port')")
         for addr in (*self._gateways, *self._msg_servers):
@@ -533,8 +625,9 @@ class TcpDevice(_E2E):
         self.resent = 0  # messages written again after a reconnect or UNAVAILABLE
         self.reconnects = 0
         self.server_errors: collections.deque[tuple[str, str, str]] = collections.deque(maxlen=100)
-        # End-to-end encryption (docs/crypto.md): on when the device has its private key.
-        self._init_e2e(private_key, key_wait)
+        # End-to-end encryption (docs/crypto.md): on when the device has its private key;
+        # gateway-terminated mode when it has a pre-shared key.
+        self._init_e2e(private_key, key_wait, psk)
 
     # -- construction helpers ------------------------------------------------
     @classmethod
@@ -545,16 +638,30 @@ class TcpDevice(_E2E):
         gateway: str | Sequence[str] | None = None,
         msg_server: str | Sequence[str] | None = None,
         e2e: bool = False,
+        tls: bool = False,
         **kwargs: Any,
     ) -> TcpDevice:
         """A token-session device from a provisioning bundle (a Bundle, its decoded JSON
         or the path of the file). ``gateway`` / ``msg_server`` override the bundle's.
-        ``e2e=True`` seals and opens every message with the bundle's ``private_key``."""
+        ``tls=True`` connects over TLS, trusting only the bundle's ``ca`` certificate,
+        to the msg_server the gateway names for TLS or the bundle's ``msg_server_tls``.
+        ``e2e=True`` seals and opens every message with the bundle's ``private_key``. A
+        bundle with a ``psk`` (gateway-terminated device) always uses it."""
         if isinstance(bundle, str | Path):
             bundle = load_bundle(bundle)
         elif not isinstance(bundle, Bundle):
             bundle = parse_bundle(bundle)
-        if e2e:
+        if bundle.raw.get("psk") and "psk" not in kwargs:
+            kwargs["psk"] = bundle.raw["psk"]
+        if tls:
+            ca = bundle.raw.get("ca")
+            if not isinstance(ca, str) or not ca:
+                raise ValueError(f"bundle of {bundle.id!r} has no CA certificate ('ca')")
+            kwargs["tls"] = ssl.create_default_context(cadata=ca)
+            if msg_server is None:
+                raw = bundle.raw.get("msg_server_tls")
+                msg_server = [raw] if isinstance(raw, str) else list(raw or [])
+        if e2e and not bundle.raw.get("psk"):
             key = bundle.raw.get("private_key")
             if not isinstance(key, str) or not key:
                 raise ValueError(f"bundle of {bundle.id!r} has no private_key: register again")
@@ -680,8 +787,12 @@ class TcpDevice(_E2E):
         self._stop(DeviceError(CLOSED, "the device is closed"), final=False)
 
     # -- sending -------------------------------------------------------------
-    async def send(self, to: str, text: str, *, id: str | None = None) -> str:
+    async def send(self, to: str, text: str, *, id: str | None = None, e2e: bool = True) -> str:
         """Send a p2p message; return its id once the server accepted it.
+
+        Sealed end to end when the device has its private key, under its pre-shared key
+        for the gateway when it has one; ``e2e=False`` sends this one in plaintext over
+        the connection (to a gateway-terminated device, which has no public key).
 
         Raises DeviceError with the server's code (UNKNOWN_DEVICE, QUEUE_FULL,
         DUPLICATE_ID, BAD_ARGS ...) or CLOSED. While disconnected it waits for the
@@ -694,7 +805,10 @@ class TcpDevice(_E2E):
             self.sent += 1
             return ""
         msg_id = self._check_id(id)
-        if self.crypto is not None:
+        if self.psk is not None:
+            sealed, enc = self.psk.seal("p2p", to, msg_id, text)
+            frame = self._frame("SEND_MESSAGE_P2P_E2E", [to, sealed, enc, msg_id], msg_id)
+        elif self.crypto is not None and e2e:
             if to not in self.crypto.peers:
                 await self.public_key(to)
             sealed, enc = self.crypto.seal_p2p(to, msg_id, text)
@@ -703,15 +817,22 @@ class TcpDevice(_E2E):
             frame = self._frame("SEND_MESSAGE_P2P", [to, text, self.device_id, msg_id], msg_id)
         return await self._submit(msg_id, frame)
 
-    async def publish(self, topic: str, text: str, *, id: str | None = None) -> str:
+    async def publish(
+        self, topic: str, text: str, *, id: str | None = None, e2e: bool = True
+    ) -> str:
         """Send a message to a topic the device is a member of; return its id once
-        every other member's copy is accepted. v1: returns ``""`` once written."""
+        every other member's copy is accepted. v1: returns ``""`` once written.
+        ``e2e=False``: plaintext over the connection (a topic with gateway-terminated
+        members, which hold no group key)."""
         if self.v1:
             await self._write_when_ready(self._frame("SEND_MESSAGE_TOPIC", [topic, text], ""))
             self.sent += 1
             return ""
         msg_id = self._check_id(id)
-        if self.crypto is not None:
+        if self.psk is not None:
+            sealed, enc = self.psk.seal("topic", topic, msg_id, text)
+            frame = self._frame("SEND_MESSAGE_TOPIC_E2E", [topic, sealed, enc, msg_id], msg_id)
+        elif self.crypto is not None and e2e:
             try:
                 sealed, enc = self.crypto.seal_topic(topic, msg_id, text)
             except CryptoError as exc:
@@ -744,6 +865,7 @@ class TcpDevice(_E2E):
             await self._write_when_ready(frame)
             return
         await self._request_reply("CREATE_TOPIC", name, frame)
+        self._topic_owners[name] = self.device_id
 
     async def join_topic(self, name: str) -> str:
         """Join a topic; returns the msg_server address from LOCATE_TOPIC_MSG_ADDR.
@@ -972,7 +1094,7 @@ class TcpDevice(_E2E):
         host, port = parse_address(addr)
         reader, writer = await asyncio.open_connection(host, port)
         try:
-            writer.write(encode_frame("REQ_MSG_SERVER", []))
+            writer.write(encode_frame("REQ_MSG_SERVER", ["tls"] if self.tls else []))
             decoder = FrameDecoder(max(self.max_frame, 1 << 20))
             while True:
                 data = await reader.read(_READ_SIZE)
@@ -996,7 +1118,12 @@ class TcpDevice(_E2E):
 
     async def _login(self, addr: str) -> _Conn:
         host, port = parse_address(addr)
-        reader, writer = await asyncio.open_connection(host, port)
+        if self.tls is not None:
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=self.tls, server_hostname=host
+            )
+        else:
+            reader, writer = await asyncio.open_connection(host, port)
         decoder = FrameDecoder(max(self.max_frame, 1 << 20))
         try:
             if self.v1:
@@ -1177,6 +1304,8 @@ class TcpDevice(_E2E):
                 await self._deliver_sealed(msg, args[5])
             else:
                 await self._deliver(msg)
+        elif cmd == "TOPIC_OWNER" and n >= 2:
+            await self._got_topic_owner(args[0], args[1])
         elif cmd == "PUBLIC_KEY" and n >= 2:
             await self._got_public_key(args[0], args[1])
             self._answer("GET_PUBLIC_KEY", args[0], args[1])
@@ -1215,6 +1344,9 @@ class TcpDevice(_E2E):
             if ("peer", ref) in self._held and code != errors.UNAVAILABLE:
                 # The sender of held sealed messages has no key (unknown, revoked).
                 self._drop_held(("peer", ref), f"{code} {text}")
+            if ("owner", ref) in self._held:
+                # No owner to check a held topic key against: it is not taken.
+                self._drop_held(("owner", ref), f"topic owner unknown: {code} {text}")
             out = self._outgoing.get(ref)
             if out is not None:
                 if code == errors.UNAVAILABLE and self.retry_unavailable and not self._closing:
@@ -1266,6 +1398,11 @@ class TcpDevice(_E2E):
 
     def _ask_public_key(self, device_id: str) -> None:
         self._write(encode_frame("GET_PUBLIC_KEY", [device_id]))
+
+    def _ask_topic_owner(self, topic: str) -> bool:
+        # Not written (the session is ending): the key stays unacked and comes again.
+        self._write(encode_frame("GET_TOPIC_OWNER", [topic]))
+        return True
 
     def _flush_acks(self) -> None:
         """Write the acks gathered from one read: v1 sessions one ``P2P_ACK [client_id,

@@ -158,6 +158,7 @@ class EmbeddedApp:
             handshake_timeout=self.settings.tcp.login_timeout,
         )
         await self.tls_listener.start()
+        self.gateway.tls_address = f"{self.settings.node.advertise_host}:{self.tls_listener.port}"
         log.info("msg_server TLS listener on %s", self.tls_listener.address)
 
     async def _start_mqtt(self, msg_server: MsgServer) -> None:

@@ -77,9 +77,33 @@ def new_bundle(
         bundle["mqtt"] = [host_port(host, mqtt.port)]
     elif mqtt.mode == "external":
         bundle["mqtt"] = [host_port(mqtt.broker_host, mqtt.broker_port)]
+    if settings.tls.enabled:
+        bundle.update(tls_entries(settings))
     if extra:
         bundle.update(extra)
     return bundle
+
+
+def tls_entries(settings: Settings) -> dict[str, Any]:
+    """With ``tls.enabled``: the TLS addresses (``msg_server_tls``, and ``mqtt_tls`` for
+    the embedded broker) and the CA certificate (``ca``, PEM) devices check the server
+    with. No ``ca`` when there is no CA file yet (``fishchat-iot certs init``); no
+    address for a port of 0 (picked at each start: see ``up``'s output)."""
+    from fishchat_iot.tls import paths
+
+    host = settings.node.advertise_host
+    t = settings.tls
+    out: dict[str, Any] = {}
+    if t.msg_port:
+        out["msg_server_tls"] = [host_port(host, t.msg_port)]
+    if settings.mqtt.mode == "embedded" and t.mqtt_port:
+        out["mqtt_tls"] = [host_port(host, t.mqtt_port)]
+    ca = paths(settings.data_dir / "certs", t.cert, t.key, t.ca).ca_cert
+    try:
+        out["ca"] = ca.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError):
+        pass
+    return out
 
 
 def _reason(exc: OSError) -> str:

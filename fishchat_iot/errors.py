@@ -25,6 +25,8 @@ KEEPALIVE_TIMEOUT = "KEEPALIVE_TIMEOUT"
 RATE_LIMITED = "RATE_LIMITED"  # over limits.msg_rate / byte_rate; not accepted, retry later
 THROTTLED = "THROTTLED"  # too many failed logins from this address or as this id; closed
 E2E_UNSUPPORTED = "E2E_UNSUPPORTED"  # sealed message to a recipient on a v1 session
+CREDENTIALS_CHANGED = "CREDENTIALS_CHANGED"  # ``device rotate`` while connected; closed
+BAD_SEAL = "BAD_SEAL"  # a PSK-sealed body that does not open at the gateway; not accepted
 
 
 class FishChatError(Exception):

@@ -52,9 +52,10 @@ class GatewayConnection(asyncio.Protocol):
             if isinstance(item, FrameError):
                 self._fail(item.code, item.text)
                 return
-            cmd, _args = item
+            cmd, args = item
             if cmd == "REQ_MSG_SERVER":
-                self.task = asyncio.get_running_loop().create_task(self._answer())
+                tls = bool(args) and args[0] == "tls"
+                self.task = asyncio.get_running_loop().create_task(self._answer(tls))
             else:
                 self._fail(
                     errors.UNKNOWN_COMMAND,
@@ -62,12 +63,17 @@ class GatewayConnection(asyncio.Protocol):
                 )
             return
 
-    async def _answer(self) -> None:
-        addr = await self.gateway.pick_msg_server()
+    async def _answer(self, tls: bool = False) -> None:
+        # ["tls"]: the TLS msg_server, never the plain one in its place (no downgrade).
+        if tls:
+            addr = self.gateway.tls_address or None
+        else:
+            addr = await self.gateway.pick_msg_server()
         if self.transport is None or self.transport.is_closing():
             return
         if addr is None:
-            self._fail(errors.UNAVAILABLE, "no msg_server is up: retry later")
+            what = "no TLS msg_server (tls.enabled is off)" if tls else "no msg_server is up"
+            self._fail(errors.UNAVAILABLE, f"{what}: retry later")
             return
         out = bytearray()
         append_frame(out, "SELECT_MSG_SERVER_FOR_CLIENT", [addr])

@@ -17,6 +17,7 @@ import logging
 import struct
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, cast
 
 import orjson
@@ -26,6 +27,7 @@ from device_adapters.tcp.listener import TcpListener
 from fishchat_iot import errors
 from fishchat_iot.core.envelope import KIND_P2P, KIND_TOPIC, Envelope
 from fishchat_iot.core.session import CLOSED, Session
+from fishchat_iot.crypto.gateway import ENC_PSK, seal_to_device
 from fishchat_iot.crypto.seal import CryptoError, parse_enc
 from fishchat_iot.limits import DeviceRate, host_of, limits_for
 from fishchat_iot.roles.msg_server import MsgServer, valid_name
@@ -59,6 +61,7 @@ class TcpSession(Session, asyncio.Protocol):
     transport and the core's tables (docs/benchmarks.md, memory per idle session)."""
 
     __slots__ = (
+        "__weakref__",  # PskKeys (crypto/gateway.py) keys its cache by session
         "_read_pauses",
         "_throttled",
         "_write_paused",
@@ -389,6 +392,10 @@ class TcpSession(Session, asyncio.Protocol):
 
     # -- Session: what the core emits -------------------------------------------------
     def emit_message(self, env: Envelope) -> None:
+        if env.enc == "none" and not self.v1:
+            key = self.server.psk.cached(self)
+            if key:  # a gateway-terminated device: sealed under its PSK on its last hop
+                env = replace(env, body=seal_to_device(key, env), enc=ENC_PSK)
         if env.kind == KIND_P2P and env.enc == "none" and not self.v1:
             # The usual delivery, by template (the same bytes as append_frame).
             global _ts_text
@@ -542,10 +549,11 @@ def _check_e2e(s: TcpSession, cmd: str, body: str, enc: str, mid: str) -> bool:
     return True
 
 
-def _send_p2p_e2e(s: TcpSession, args: list[str]) -> None:
-    # [to, sealed_b64, enc, id]
+def _send_p2p_e2e(s: TcpSession, args: list[str]) -> asyncio.Task[Any] | None:
+    # [to, sealed_b64, enc, id]; a PSK-sealed body is opened first (a task)
     if _check_e2e(s, "SEND_MESSAGE_P2P_E2E", args[1], args[2], args[3]):
-        s.server.send_p2p(s, args[0], args[1], args[3], args[2], ts=s.batch_ms)
+        return s.server.send_p2p(s, args[0], args[1], args[3], args[2], ts=s.batch_ms)
+    return None
 
 
 def _send_topic_e2e(s: TcpSession, args: list[str]) -> asyncio.Task[Any] | None:
@@ -569,6 +577,27 @@ async def _public_key(s: TcpSession, device_id: str) -> None:
             s.emit_error(errors.UNKNOWN_DEVICE, f"no device {device_id!r}", device_id)
         elif not s.v1:
             append_frame(s.out, "PUBLIC_KEY", [device_id, key])
+    s.mark_dirty()
+
+
+def _get_topic_owner(s: TcpSession, args: list[str]) -> asyncio.Task[Any]:
+    return s.server.spawn(_topic_owner(s, args[0]), "topic-owner")
+
+
+async def _topic_owner(s: TcpSession, name: str) -> None:
+    """``GET_TOPIC_OWNER [name]`` -> ``TOPIC_OWNER [name, owner]``, for members: their
+    SDK takes a topic key only from the topic's owner (docs/crypto.md section 5)."""
+    try:
+        topic = await s.server.manager.topic(name)
+    except StoreUnavailable:
+        s.emit_error(errors.UNAVAILABLE, "registry unavailable, retry later", name)
+    else:
+        if topic is None:
+            s.emit_error(errors.UNKNOWN_TOPIC, f"no topic {name!r}", name)
+        elif s.device_id not in topic.members:
+            s.emit_error(errors.NOT_A_MEMBER, f"not a member of topic {name!r}", name)
+        elif not s.v1:
+            append_frame(s.out, "TOPIC_OWNER", [name, topic.owner])
     s.mark_dirty()
 
 
@@ -607,4 +636,5 @@ COMMANDS: dict[str, tuple[int, int, Handler]] = {
     "SEND_MESSAGE_P2P_E2E": (4, 4, _send_p2p_e2e),
     "SEND_MESSAGE_TOPIC_E2E": (4, 4, _send_topic_e2e),
     "GET_PUBLIC_KEY": (1, 1, _get_public_key),
+    "GET_TOPIC_OWNER": (1, 1, _get_topic_owner),
 }

@@ -32,7 +32,10 @@ from fishchat_iot.cli.output import (
     print_table,
     quoted,
 )
-from fishchat_iot.crypto import generate_keypair
+from fishchat_iot.config import Settings
+from fishchat_iot.crypto import b64e, generate_keypair
+from fishchat_iot.crypto.atrest import AtRest, load_server_key
+from fishchat_iot.crypto.seal import KEY_LEN, CryptoError
 from fishchat_iot.stores.base import AlreadyExists, DeviceRecord, NotFound, Store, TopicRecord
 
 # The id becomes part of MQTT topics (fc/{id}/...) and of the bundle's file name.
@@ -76,6 +79,36 @@ async def get_active_device(store: Store, device_id: str) -> DeviceRecord:
 # -- register -------------------------------------------------------------------------
 
 
+def server_atrest(settings: Settings) -> AtRest:
+    """The server key (``store.server_key``, by default ``{data_dir}/server.key``;
+    created mode 0600 when there is none, as ``up`` does): a pre-shared key is stored
+    only sealed under it."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.server_key_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return AtRest(load_server_key(settings.server_key_path))
+    except CryptoError as exc:
+        raise CliError(f"{exc}; the device was not changed") from None
+    except OSError as exc:
+        raise CliError(
+            f"cannot read the server key {settings.server_key_path}: "
+            f"{(exc.strerror or str(exc)).lower()}"
+        ) from None
+
+
+def new_credentials(
+    settings: Settings, device_id: str, psk: bool
+) -> tuple[str, str, dict[str, str]]:
+    """-> (public key for the registry, sealed PSK for the registry, the bundle's keys).
+    A gateway-terminated device (``psk``) gets a random 32-byte pre-shared key and no
+    X25519 key pair; any other an X25519 key pair (only the public half is stored)."""
+    if psk:
+        key = os.urandom(KEY_LEN)
+        return "", server_atrest(settings).seal_psk(device_id, key), {"psk": b64e(key)}
+    keys = generate_keypair()
+    return keys.public_b64, "", {"private_key": keys.private_b64, "public_key": keys.public_b64}
+
+
 def _duplicate(device_id: str) -> CliError:
     return CliError(f"device {quoted(device_id)} already exists: choose another id")
 
@@ -101,22 +134,18 @@ def cmd_register(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     bundle_path = Path(args.bundle) if args.bundle else default_bundle_path(settings, device_id)
     token = new_token()
-    keys = generate_keypair()  # only the public half is stored; the private one is bundled
+    public_key, sealed_psk, secrets = new_credentials(settings, device_id, args.psk)
     created_ms = now_ms()
     record = DeviceRecord(
         id=device_id,
         token_hash=hash_token(token),
         v1=args.v1,
         created_ms=created_ms,
-        public_key=keys.public_b64,
+        public_key=public_key,
+        psk=sealed_psk,
     )
     bundle = new_bundle(
-        device_id,
-        token,
-        settings,
-        v1=args.v1,
-        created_ms=created_ms,
-        extra={"private_key": keys.private_b64, "public_key": keys.public_b64},
+        device_id, token, settings, v1=args.v1, created_ms=created_ms, extra=secrets
     )
 
     async def work(store: Store) -> Path:
@@ -139,12 +168,23 @@ def cmd_register(args: argparse.Namespace) -> int:
 
     written = run_with_store(settings, work, create=True)
     if args.json:
-        print_json({"id": device_id, "token": token, "bundle": str(written), "v1": args.v1})
+        print_json(
+            {
+                "id": device_id,
+                "token": token,
+                "bundle": str(written),
+                "v1": args.v1,
+                "psk": args.psk,
+            }
+        )
         return 0
     login = "token or token-less v1 login" if args.v1 else "token login"
     print(f"registered device {quoted(device_id)} ({login})")
     print(f"token:  {token}")
-    print(f"public key: {keys.public_b64}")
+    if args.psk:
+        print("pre-shared key: in the bundle (gateway-terminated device; no X25519 keys)")
+    else:
+        print(f"public key: {public_key}")
     print(f"bundle: {written} (mode 0600)")
     print(
         "warning: the token is shown only now and cannot be shown again "
@@ -165,6 +205,7 @@ def _device_json(device: DeviceRecord, queued: int) -> dict[str, Any]:
         "created_ms": device.created_ms,
         "revoked_ms": device.revoked_ms,
         "queued": queued,
+        "psk": bool(device.psk),
     }
 
 
@@ -223,6 +264,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("v1 login", "allowed" if device.v1 else "not allowed (token only)"),
         ("created", f"{format_ms(device.created_ms)} UTC"),
         ("public key", device.public_key or "-"),
+        ("encryption", "gateway-terminated (pre-shared key)" if device.psk else "end to end"),
         ("queued messages", queued),
         ("topics", ", ".join(member_of) if member_of else "-"),
     ]
@@ -235,30 +277,30 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
-    """New token and X25519 key pair; the new bundle replaces the old one (which is
-    useless from the moment the registry holds the new credentials)."""
+    """New token and X25519 key pair (a gateway-terminated device: a new pre-shared
+    key); the new bundle replaces the old one (which is useless from the moment the
+    registry holds the new credentials)."""
     device_id = check_device_id(args.id)
     settings = settings_from_args(args)
     bundle_path = Path(args.bundle) if args.bundle else default_bundle_path(settings, device_id)
     final = Path(os.path.abspath(bundle_path))
     staging = final.with_name(final.name + ".new")
     token = new_token()
-    keys = generate_keypair()
+    public_key = ""
 
     async def work(store: Store) -> Path:
+        nonlocal public_key
         device = await get_active_device(store, device_id)
+        public_key, sealed_psk, secrets = new_credentials(settings, device_id, bool(device.psk))
         bundle = new_bundle(
-            device_id,
-            token,
-            settings,
-            v1=device.v1,
-            created_ms=now_ms(),
-            extra={"private_key": keys.private_b64, "public_key": keys.public_b64},
+            device_id, token, settings, v1=device.v1, created_ms=now_ms(), extra=secrets
         )
         remove_bundle(staging)
         written = _write_bundle(staging, bundle, from_option=args.bundle is not None)
         try:
-            await store.set_credentials(device_id, hash_token(token), keys.public_b64)
+            await store.set_credentials(
+                device_id, hash_token(token), public_key, sealed_psk if device.psk else None
+            )
         except BaseException:
             with contextlib.suppress(OSError):
                 remove_bundle(written)
@@ -269,16 +311,17 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     written = run_with_store(settings, work)
     if args.json:
         print_json(
-            {"id": device_id, "token": token, "public_key": keys.public_b64, "bundle": str(written)}
+            {"id": device_id, "token": token, "public_key": public_key, "bundle": str(written)}
         )
         return 0
     print(f"rotated credentials of device {quoted(device_id)}: the old token and keys are void")
     print(f"token:  {token}")
-    print(f"public key: {keys.public_b64}")
+    print(f"public key: {public_key or '- (pre-shared key in the bundle)'}")
     print(f"bundle: {written} (mode 0600)")
     print(
-        "note: live sessions keep running until they reconnect; peers fetch the new public "
-        "key (GET_PUBLIC_KEY) after their next failure to open"
+        "note: a running server cuts the device's live sessions within seconds (they log "
+        "in again only with the new bundle); peers fetch the new public key "
+        "(GET_PUBLIC_KEY) after their next failure to open"
     )
     return 0
 
@@ -348,6 +391,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--v1",
         action="store_true",
         help="also allow token-less FishChat v1 logins for this device",
+    )
+    p.add_argument(
+        "--psk",
+        action="store_true",
+        help="a gateway-terminated device (too small for X25519): give it a random 32-byte "
+        "pre-shared key (in its bundle; the registry keeps it only sealed under the server "
+        "key) instead of an X25519 key pair",
     )
     p.add_argument(
         "--bundle",

@@ -44,6 +44,8 @@ def mqtt_device_for(
         brokers = list(dict.fromkeys(a for a in [live, *listed] if a))
         if not brokers:
             brokers = [host_port(settings.node.advertise_host, settings.mqtt.port)]
+    if bundle.raw.get("psk"):  # a gateway-terminated device seals with its pre-shared key
+        kwargs.setdefault("psk", bundle.raw["psk"])
     return MqttDevice(bundle.id, bundle.token, brokers, **kwargs)
 
 

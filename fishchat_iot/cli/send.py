@@ -108,6 +108,8 @@ def device_for(
     except BundleError as exc:
         raise CliError(str(exc)) from None
     gateways, msg_servers = addresses(settings, gateway, bundle.gateway, bundle.msg_server)
+    if bundle.raw.get("psk"):  # a gateway-terminated device seals with its pre-shared key
+        kwargs.setdefault("psk", bundle.raw["psk"])
     return TcpDevice(bundle.id, bundle.token, gateways, msg_servers, **kwargs)
 
 

@@ -29,12 +29,15 @@ from fishchat_iot.crypto.seal import (
     b64d,
     b64e,
     header_bytes,
+    str_field,
 )
 from fishchat_iot.stores.base import Enqueued, Store
 
 log = logging.getLogger("fishchat.crypto")
 
 ENC_AT_REST = "server-chacha20poly1305"
+# Associated data of a device's pre-shared key sealed at rest: this label, then str(id).
+PSK_AT_REST_AD = b"fishchat-iot/psk-at-rest/v1"
 SERVER_KEY_FILE = "server.key"
 KEY_MODE = 0o600
 
@@ -87,6 +90,29 @@ class AtRest:
         ct = self._aead.encrypt(nonce, env.body.encode("utf-8"), self._ad(env))
         return replace(env, body=b64e(nonce + ct), enc=ENC_AT_REST)
 
+    def seal_psk(self, device_id: str, psk: bytes) -> str:
+        """A gateway-terminated device's pre-shared key as the registry stores it:
+        base64(nonce (12) | ciphertext | tag), associated data = PSK_AT_REST_AD |
+        str(device id) (a sealed key copied to another device does not open)."""
+        if len(psk) != KEY_LEN:
+            raise CryptoError("a pre-shared key is 32 bytes")
+        nonce = os.urandom(NONCE_LEN)
+        return b64e(nonce + self._aead.encrypt(nonce, psk, _psk_ad(device_id)))
+
+    def open_psk(self, device_id: str, sealed: str) -> bytes:
+        """The pre-shared key sealed by ``seal_psk``; CryptoError when it does not open
+        (another server key, another device's row, a changed row)."""
+        raw = b64d(sealed)
+        try:
+            psk = self._aead.decrypt(raw[:NONCE_LEN], raw[NONCE_LEN:], _psk_ad(device_id))
+        except (InvalidTag, ValueError):
+            raise CryptoError(
+                f"the pre-shared key of {device_id!r} does not open under the server key"
+            ) from None
+        if len(psk) != KEY_LEN:
+            raise CryptoError(f"the pre-shared key of {device_id!r} is not 32 bytes")
+        return psk
+
     def open(self, env: Envelope) -> Envelope:
         if env.enc != ENC_AT_REST:
             return env
@@ -104,6 +130,10 @@ class AtRest:
             )
             return env
         return replace(env, body=body.decode("utf-8"), enc="none")
+
+
+def _psk_ad(device_id: str) -> bytes:
+    return PSK_AT_REST_AD + str_field(device_id)
 
 
 class SealedStore:

@@ -19,6 +19,7 @@ from fishchat_iot.crypto.seal import (
     ENC_GROUP,
     ENC_NONE,
     ENC_P2P,
+    ENC_PSK,
     KEY_LEN,
     CryptoError,
     Header,
@@ -29,6 +30,7 @@ from fishchat_iot.crypto.seal import (
     open_body,
     p2p_key,
     parse_enc,
+    psk_header,
     public_from_private,
     seal_body,
 )
@@ -119,9 +121,20 @@ class DeviceCrypto:
         return b64e(seal_body(key, h, text.encode("utf-8"))), enc_label(ENC_GROUP, epoch)
 
     # -- opening ---------------------------------------------------------------------
-    def open(self, *, sender: str, msg_id: str, body: str, enc: str, topic: str = "") -> Opened:
+    def open(
+        self,
+        *,
+        sender: str,
+        msg_id: str,
+        body: str,
+        enc: str,
+        topic: str = "",
+        apply_control: bool = True,
+    ) -> Opened:
         """Open a delivery; CryptoError when it cannot be (tampered, wrong key, wrong
-        recipient). A p2p topic-key control message is applied and returned as such."""
+        recipient). A p2p topic-key control message is returned as such, and applied
+        unless ``apply_control`` is False (the SDKs first check that its sender owns
+        the topic, then call ``apply_control``)."""
         if enc == ENC_NONE:
             raise CryptoError("plaintext message on an end-to-end session")
         scheme, epoch = parse_enc(enc)
@@ -140,9 +153,13 @@ class DeviceCrypto:
         h = Header(msg_id, sender, self.device_id, ts, "p2p", ENC_P2P, 0)
         text = open_body(self.pair_key(sender), h, sealed).decode("utf-8", "replace")
         ctl = _control(text)
-        if ctl is not None:
-            self.set_topic_key(str(ctl["topic"]), int(str(ctl["epoch"])), b64d(str(ctl["key"])))
+        if ctl is not None and apply_control:
+            self.apply_control(ctl)
         return Opened(text, ctl)
+
+    def apply_control(self, ctl: dict[str, object]) -> None:
+        """Take the topic key a control message hands over."""
+        self.set_topic_key(str(ctl["topic"]), int(str(ctl["epoch"])), b64d(str(ctl["key"])))
 
 
 def _control(text: str) -> dict[str, object] | None:
@@ -165,3 +182,37 @@ def _control(text: str) -> dict[str, object] | None:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class PskCrypto:
+    """The device side of gateway-terminated mode (docs/crypto.md section 7): what the
+    device sends is sealed under its pre-shared key for the gateway, which opens it;
+    what it receives the gateway sealed under the same key."""
+
+    device_id: str
+    key: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.key) != KEY_LEN:
+            raise CryptoError("a pre-shared key is 32 bytes")
+
+    @classmethod
+    def from_b64(cls, device_id: str, psk_b64: str) -> PskCrypto:
+        return cls(device_id, b64d(psk_b64))
+
+    def seal(
+        self, kind: str, to: str, msg_id: str, text: str, ts: int | None = None
+    ) -> tuple[str, str]:
+        """-> (sealed body as base64, enc); ``to`` is the recipient or the topic."""
+        h = psk_header(msg_id, self.device_id, to, ts or _now_ms(), kind)
+        return b64e(seal_body(self.key, h, text.encode("utf-8"))), ENC_PSK
+
+    def open(self, *, sender: str, msg_id: str, body: str, topic: str = "") -> str:
+        """Open a delivery the gateway sealed for this device; CryptoError when it does
+        not open (changed on the way, another device's, another key)."""
+        sealed = b64d(body)
+        ts = SealedBody.from_bytes(sealed).ts
+        kind, to = ("topic", topic) if topic else ("p2p", self.device_id)
+        h = psk_header(msg_id, sender, to, ts, kind)
+        return open_body(self.key, h, sealed).decode("utf-8", "replace")

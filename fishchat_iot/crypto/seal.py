@@ -107,6 +107,11 @@ def _str(s: str) -> bytes:
     return struct.pack(">H", len(b)) + b
 
 
+def str_field(s: str) -> bytes:
+    """``str(x)`` of docs/crypto.md: u16 BE length, then the UTF-8 bytes."""
+    return _str(s)
+
+
 def p2p_key(my_private: bytes, my_id: str, peer_public: bytes, peer_id: str) -> bytes:
     """The pairwise key of two devices (the same from both sides).
 
@@ -150,6 +155,14 @@ def header_bytes(h: Header) -> bytes:
         + _str(h.enc)
         + struct.pack(">I", h.epoch)
     )
+
+
+def psk_header(msg_id: str, sender: str, to: str, ts: int, kind: str) -> Header:
+    """The header of a body sealed under a gateway-terminated device's pre-shared key:
+    ``to`` is the recipient device (p2p) or the topic (topic), enc ``psk-...``, epoch 0.
+    The device seals what it sends with ``to`` = where it sends it; the gateway seals
+    what it delivers to the device with ``to`` = the device itself (p2p) or the topic."""
+    return Header(msg_id, sender, to, ts, kind, ENC_PSK, 0)
 
 
 def enc_label(enc: str, epoch: int) -> str:

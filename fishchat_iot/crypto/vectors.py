@@ -10,6 +10,7 @@ from fishchat_iot.crypto.seal import (
     enc_label,
     header_bytes,
     p2p_key,
+    psk_header,
     public_from_private,
     seal_body,
 )
@@ -61,7 +62,38 @@ def vectors() -> dict[str, dict[str, str]]:
         "plaintext": gbody.hex(),
         "sealed": seal_body(gkey, gh, gbody, gnonce).hex(),
     }
-    return {"p2p": p2p, "topic": topic}
+    # Gateway-terminated device "lamp": what it sends to "bob" (sealed for the gateway,
+    # to = bob) and what the gateway writes to it from "bob" (to = lamp itself).
+    psk = bytes(range(160, 192))
+    up = psk_header("m-0003", "lamp", "bob", 1764201601000, "p2p")
+    down = psk_header("m-0004", "bob", "lamp", 1764201602000, "p2p")
+    psk_up = {
+        "psk": psk.hex(),
+        "id": up.id,
+        "from": up.sender,
+        "to": up.to,
+        "ts": str(up.ts),
+        "kind": up.kind,
+        "enc": up.enc,
+        "header": header_bytes(up).hex(),
+        "nonce": bytes(range(12, 24)).hex(),
+        "plaintext": b"on".hex(),
+        "sealed": seal_body(psk, up, b"on", bytes(range(12, 24))).hex(),
+    }
+    psk_down = {
+        "psk": psk.hex(),
+        "id": down.id,
+        "from": down.sender,
+        "to": down.to,
+        "ts": str(down.ts),
+        "kind": down.kind,
+        "enc": down.enc,
+        "header": header_bytes(down).hex(),
+        "nonce": bytes(range(24, 36)).hex(),
+        "plaintext": b"ok".hex(),
+        "sealed": seal_body(psk, down, b"ok", bytes(range(24, 36))).hex(),
+    }
+    return {"p2p": p2p, "topic": topic, "psk_up": psk_up, "psk_down": psk_down}
 
 
 def _x25519(private: bytes, public: bytes) -> bytes:

@@ -21,6 +21,9 @@ class Gateway:
         self.answered = 0  # msg_servers named since start
         # node id -> (updated_ms of the heartbeat counted from, devices sent since)
         self._sent: dict[str, tuple[int, int]] = {}
+        # The TLS msg_server listener of this deployment ("" = none): the answer to a
+        # device that asks for TLS (REQ_MSG_SERVER ["tls"], docs/protocol.md).
+        self.tls_address = ""
 
     async def pick_msg_server(self) -> str | None:
         """Address of the live msg_server with the least load; ties take turns. None

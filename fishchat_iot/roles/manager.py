@@ -39,6 +39,9 @@ class Manager:
         self._revoke_checked_ms = now_ms()
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_revoked: list = []  # callables(device_id) run when a device is revoked
+        # callables(device_id) run once per ``device rotate`` of a device, when seen
+        self.on_rotated: list = []
+        self._rotations: dict[str, int] = {}  # device id -> rotated_ms already handled
 
     async def start(self) -> None:
         self.store.on_registry_change(self.invalidate)
@@ -120,6 +123,18 @@ class Manager:
         for device_id in revoked:
             for callback in self.on_revoked:
                 callback(device_id)
+        try:
+            rotated = await self.store.rotated_since(since - 1000)
+        except Exception as exc:
+            log.warning("could not read rotated devices: %s", exc)
+            return
+        # The look-back overlaps the previous check: each rotation is acted on once.
+        self._rotations = {d: at for d, at in self._rotations.items() if at >= since - 1000}
+        for device_id, at_ms in rotated:
+            if self._rotations.get(device_id) != at_ms:
+                self._rotations[device_id] = at_ms
+                for callback in self.on_rotated:
+                    callback(device_id)
 
     async def _housekeeping(self) -> None:
         """Expire queued messages past their age bound (logged: nothing disappears

@@ -32,6 +32,8 @@ from fishchat_iot.core.envelope import KIND_P2P, KIND_POKE, KIND_TOPIC, Envelope
 from fishchat_iot.core.receipt import AckWait, Receipt
 from fishchat_iot.core.session import LIVE, NO_INFLIGHT, Mode, Session
 from fishchat_iot.core.tasks import spawn_owned
+from fishchat_iot.crypto.gateway import ENC_PSK, PskKeys, open_from_device
+from fishchat_iot.crypto.seal import CryptoError
 from fishchat_iot.ids import IdGenerator, OrderKeys
 from fishchat_iot.roles.manager import Manager, now_ms
 from fishchat_iot.roles.monitor_metrics import Histogram
@@ -117,6 +119,8 @@ class MsgServer:
             self._ack_batch, lambda coro: self.spawn(coro, "hand-off-acks")
         )
         manager.on_revoked.append(self.revoked)
+        manager.on_rotated.append(self.rotated)
+        self.psk = PskKeys(manager)  # gateway-terminated devices (crypto/gateway.py)
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -348,6 +352,15 @@ class MsgServer:
         elif kind == "kick":
             self.kick(device)
 
+    def rotated(self, device_id: str) -> None:
+        """``device rotate``: the session logged in with credentials that are void now.
+        Not a final error: a device that has its new bundle logs in again."""
+        s = self.sessions.get(device_id)
+        if s is not None:
+            log.warning("device %s has new credentials: closing its session", device_id)
+            s.drop(errors.CREDENTIALS_CHANGED, f"the credentials of {device_id!r} were replaced")
+            self.session_closed(s)
+
     # -- sending -------------------------------------------------------------------
     def _offer(self, env: Envelope, now: int = 0) -> Offer | None:
         """Write ``env`` to its recipient's live session on this node, if it has one
@@ -380,12 +393,15 @@ class MsgServer:
 
     def send_p2p(
         self, s: Session, to: str, body: str, msg_id: str = "", enc: str = "none", ts: int = 0
-    ) -> None:
+    ) -> asyncio.Task[None] | None:
         """``ts``: the wall clock (ms) the adapter read for this batch of commands; 0 =
-        read it here."""
+        read it here. Returns a task when the body must be opened first (a PSK-sealed
+        body): the adapter holds the session's next commands until it is done."""
         mid = msg_id if msg_id and len(msg_id) <= MAX_ID_LEN else self._check_id(s, msg_id)
         if mid is None:
-            return
+            return None
+        if enc == ENC_PSK:
+            return self._psk_send(s, KIND_P2P, to, body, mid)
         if not ts:
             ts = now_ms()
         env = Envelope(mid, s.device_id, to, body, ts, self.okeys.next(), KIND_P2P)
@@ -396,7 +412,7 @@ class MsgServer:
                 # A v1 session is never sent a sealed body (it could not open it).
                 s.emit_error(errors.E2E_UNSUPPORTED, f"{to!r} is on a v1 session", mid)
                 s.mark_dirty()
-                return
+                return None
         offer = self._offer(env, ts)
         if offer is _OFFER_LIVE or offer is Offer.DUPLICATE:
             if offer is _OFFER_LIVE:
@@ -405,7 +421,7 @@ class MsgServer:
                 receipt = self._receipt(s, mid)
                 self._wait_for_ack(env, receipt)
                 receipt.release()
-                return
+                return None
             s.emit_accepted(mid)
             if not s.dirty:
                 s.mark_dirty()
@@ -415,6 +431,57 @@ class MsgServer:
             receipt = self._receipt(s, mid, p2p=True)
             self._hand_off([env], receipt, accepted=False, check_recipient=True)
             receipt.release()
+        return None
+
+    def _psk_send(self, s: Session, kind: str, to: str, body: str, mid: str) -> asyncio.Task[None]:
+        """A body sealed under the sender's pre-shared key (gateway-terminated device,
+        docs/crypto.md section 7): open it, then send the plaintext like any other (it
+        is sealed at rest if it is queued). A body that does not open is refused with
+        BAD_SEAL and goes nowhere."""
+        self._begin_receipt(s)
+        return self.spawn(self._psk_open_and_send(s, kind, to, body, mid), "send-psk")
+
+    async def _psk_open_and_send(self, s: Session, kind: str, to: str, body: str, mid: str) -> None:
+        try:
+            key = await self.psk.load(s)
+        except StoreUnavailable:
+            s.emit_error(errors.UNAVAILABLE, "registry unavailable, retry later", mid)
+            s.mark_dirty()
+            return
+        except CryptoError as exc:
+            log.error("cannot use the pre-shared key of %s: %s", s.device_id, exc)
+            s.emit_error(errors.UNAVAILABLE, "the gateway cannot use this device's key", mid)
+            s.mark_dirty()
+            return
+        finally:
+            self._end_receipt(s)
+        if s.mode is Mode.CLOSED:
+            return  # not accepted: the device sends it again in its next session
+        if key is None:
+            s.emit_error(
+                errors.E2E_UNSUPPORTED,
+                f"device {s.device_id!r} has no pre-shared key (registered without --psk)",
+                mid,
+            )
+            s.mark_dirty()
+            return
+        try:
+            text = open_from_device(key, s.device_id, to, kind, mid, body)
+        except CryptoError as exc:
+            log.warning("PSK-sealed message %s from %s does not open: %s", mid, s.device_id, exc)
+            s.emit_error(
+                errors.BAD_SEAL,
+                f"the body does not open under this device's pre-shared key ({exc}): not accepted",
+                mid,
+            )
+            s.mark_dirty()
+            return
+        if kind == KIND_P2P:
+            self.send_p2p(s, to, text, mid)
+        else:
+            task = self.send_topic(s, to, text, mid)
+            if task is not None:
+                await task
 
     def send_topic(
         self, s: Session, name: str, body: str, msg_id: str = "", enc: str = "none"
@@ -424,6 +491,8 @@ class MsgServer:
         mid = self._check_id(s, msg_id)
         if mid is None:
             return None
+        if enc == ENC_PSK:
+            return self._psk_send(s, KIND_TOPIC, name, body, mid)
         topic = self.manager.cached_topic(name)
         if topic is False:  # not cached: look it up first
             self._begin_receipt(s)
@@ -822,6 +891,19 @@ class MsgServer:
         device = s.device_id
         store = self.manager.store
         try:
+            # A gateway-terminated device's deliveries are sealed under its PSK by the
+            # transport (emit_message): know the key before anything is written to it.
+            while self.psk.cached(s) is False and s.mode is Mode.BACKLOG:
+                try:
+                    await self.psk.load(s)
+                except StoreUnavailable as exc:
+                    log.warning("cannot read the key of %s: %s; retrying", device, exc)
+                    await asyncio.sleep(0.5)
+                except CryptoError as exc:
+                    log.error("cannot use the pre-shared key of %s: %s", device, exc)
+                    s.drop(errors.UNAVAILABLE, "the gateway cannot use this device's key")
+                    self.session_closed(s)
+                    return
             while s.mode is Mode.BACKLOG:
                 room = self.window - len(s.inflight)
                 if room <= 0 or not s.can_write():

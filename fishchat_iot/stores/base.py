@@ -25,6 +25,10 @@ class DeviceRecord:
     created_ms: int = 0
     revoked_ms: int = 0
     public_key: str = ""  # base64 X25519 public key, for end-to-end encryption
+    # Gateway-terminated devices: their pre-shared key, sealed at rest under the server
+    # key (crypto/atrest.py ``seal_psk``); never the key itself. "" = no PSK.
+    psk: str = ""
+    rotated_ms: int = 0  # when token and keys were last replaced (``device rotate``)
     meta: dict[str, str] = field(default_factory=dict)
 
 
@@ -100,12 +104,21 @@ class Store(abc.ABC):
         """Raises NotFound. Revoking twice keeps the first time."""
 
     @abc.abstractmethod
-    async def set_credentials(self, device_id: str, token_hash: bytes, public_key: str) -> None:
-        """Replace token hash and public key (``device rotate``). Raises NotFound."""
+    async def set_credentials(
+        self, device_id: str, token_hash: bytes, public_key: str, psk: str | None = None
+    ) -> None:
+        """Replace token hash and public key (``device rotate``), and the sealed
+        pre-shared key unless ``psk`` is None; stamps ``rotated_ms`` with the time.
+        Raises NotFound."""
 
     @abc.abstractmethod
     async def revoked_since(self, since_ms: int) -> list[str]:
         """Ids of devices revoked at or after ``since_ms``."""
+
+    @abc.abstractmethod
+    async def rotated_since(self, since_ms: int) -> list[tuple[str, int]]:
+        """(id, rotated_ms) of devices whose credentials were replaced at or after
+        ``since_ms``: their sessions logged in before that must end."""
 
     # -- topics ----------------------------------------------------------------
     @abc.abstractmethod

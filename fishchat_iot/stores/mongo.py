@@ -323,12 +323,18 @@ class MongoStore(Store):
                 return
             await self._bump_registry(db)
 
-    async def set_credentials(self, device_id: str, token_hash: bytes, public_key: str) -> None:
+    async def set_credentials(
+        self, device_id: str, token_hash: bytes, public_key: str, psk: str | None = None
+    ) -> None:
         with self._guard("set_credentials") as db:
-            result = await db.devices.update_one(
-                {"_id": device_id},
-                {"$set": {"token_hash": bytes(token_hash), "public_key": public_key}},
-            )
+            fields: Doc = {
+                "token_hash": bytes(token_hash),
+                "public_key": public_key,
+                "rotated_ms": time.time_ns() // 1_000_000,
+            }
+            if psk is not None:
+                fields["psk"] = psk
+            result = await db.devices.update_one({"_id": device_id}, {"$set": fields})
             if result.matched_count == 0:
                 raise NotFound(f"no device {device_id!r}")
             await self._bump_registry(db)
@@ -341,6 +347,17 @@ class MongoStore(Store):
                 .to_list()
             )
         return [doc["_id"] for doc in docs]
+
+    async def rotated_since(self, since_ms: int) -> list[tuple[str, int]]:
+        with self._guard("rotated_since") as db:
+            docs = await (
+                db.devices.find(
+                    {"rotated_ms": {"$gte": max(since_ms, 1)}}, {"_id": 1, "rotated_ms": 1}
+                )
+                .sort("_id", ASCENDING)
+                .to_list()
+            )
+        return [(doc["_id"], int(doc["rotated_ms"])) for doc in docs]
 
     # -- topics ----------------------------------------------------------------
     async def create_topic(self, topic: TopicRecord) -> None:
@@ -672,6 +689,8 @@ def _device_doc(device: DeviceRecord) -> Doc:
         "revoked_ms": device.revoked_ms,
         "public_key": device.public_key,
         "meta": dict(device.meta),
+        "psk": device.psk,
+        "rotated_ms": device.rotated_ms,
     }
 
 
@@ -685,6 +704,8 @@ def _device_from_doc(doc: Doc) -> DeviceRecord:
         revoked_ms=int(doc.get("revoked_ms", 0)),
         public_key=doc.get("public_key", ""),
         meta=dict(doc.get("meta") or {}),
+        psk=doc.get("psk", ""),
+        rotated_ms=int(doc.get("rotated_ms", 0)),
     )
 
 

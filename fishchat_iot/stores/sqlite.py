@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Kept in ``PRAGMA user_version``; bump it (and add a migration) when the schema changes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Most calls one transaction carries. Large enough that a burst is one commit, small
 # enough that the futures of the first calls in a burst are not held back for long.
@@ -67,7 +67,9 @@ _SCHEMA = (
         created_ms INTEGER NOT NULL DEFAULT 0,
         revoked_ms INTEGER NOT NULL DEFAULT 0,
         public_key TEXT NOT NULL DEFAULT '',
-        meta TEXT NOT NULL DEFAULT '{}'
+        meta TEXT NOT NULL DEFAULT '{}',
+        psk TEXT NOT NULL DEFAULT '',
+        rotated_ms INTEGER NOT NULL DEFAULT 0
     )""",
     """CREATE TABLE IF NOT EXISTS topics (
         name TEXT PRIMARY KEY,
@@ -198,10 +200,21 @@ def _device_from_row(row: sqlite3.Row | tuple[Any, ...]) -> DeviceRecord:
         revoked_ms=row[5],
         public_key=row[6],
         meta=json.loads(row[7]) if row[7] else {},
+        psk=row[8],
+        rotated_ms=row[9],
     )
 
 
-_DEVICE_COLUMNS = "id, token_hash, v1, revoked, created_ms, revoked_ms, public_key, meta"
+_DEVICE_COLUMNS = (
+    "id, token_hash, v1, revoked, created_ms, revoked_ms, public_key, meta, psk, rotated_ms"
+)
+# Schema version -> what brings a file of that version to the next one.
+_MIGRATIONS = {
+    1: (
+        "ALTER TABLE devices ADD COLUMN psk TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE devices ADD COLUMN rotated_ms INTEGER NOT NULL DEFAULT 0",
+    )
+}
 
 
 class SqliteStore(Store):
@@ -289,7 +302,7 @@ class SqliteStore(Store):
     async def add_device(self, device: DeviceRecord) -> None:
         def op(conn: sqlite3.Connection) -> None:
             cur = conn.execute(
-                f"INSERT OR IGNORE INTO devices ({_DEVICE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+                f"INSERT OR IGNORE INTO devices ({_DEVICE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
                     device.id,
                     bytes(device.token_hash),
@@ -299,6 +312,8 @@ class SqliteStore(Store):
                     device.revoked_ms,
                     device.public_key,
                     json.dumps(device.meta, sort_keys=True),
+                    device.psk,
+                    device.rotated_ms,
                 ),
             )
             if cur.rowcount == 0:
@@ -334,11 +349,14 @@ class SqliteStore(Store):
 
         await self._call(op, write=True)
 
-    async def set_credentials(self, device_id: str, token_hash: bytes, public_key: str) -> None:
+    async def set_credentials(
+        self, device_id: str, token_hash: bytes, public_key: str, psk: str | None = None
+    ) -> None:
         def op(conn: sqlite3.Connection) -> None:
             cur = conn.execute(
-                "UPDATE devices SET token_hash = ?, public_key = ? WHERE id = ?",
-                (bytes(token_hash), public_key, device_id),
+                "UPDATE devices SET token_hash = ?, public_key = ?, psk = coalesce(?, psk),"
+                " rotated_ms = ? WHERE id = ?",
+                (bytes(token_hash), public_key, psk, _now_ms(), device_id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"no device {device_id!r}")
@@ -352,6 +370,16 @@ class SqliteStore(Store):
                 (since_ms,),
             )
             return [row[0] for row in rows]
+
+        return await self._call(op, write=False)
+
+    async def rotated_since(self, since_ms: int) -> list[tuple[str, int]]:
+        def op(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+            rows = conn.execute(
+                "SELECT id, rotated_ms FROM devices WHERE rotated_ms >= ? ORDER BY id",
+                (max(since_ms, 1),),
+            )
+            return [(row[0], row[1]) for row in rows]
 
         return await self._call(op, write=False)
 
@@ -659,6 +687,10 @@ class SqliteStore(Store):
                         f" {SCHEMA_VERSION}; upgrade fishchat-iot"
                     )
                 if version < SCHEMA_VERSION:
+                    if version > 0:  # an older file: migrate it step by step
+                        for v in range(version, SCHEMA_VERSION):
+                            for statement in _MIGRATIONS[v]:
+                                conn.execute(statement)
                     for statement in _SCHEMA:
                         conn.execute(statement)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -209,7 +209,8 @@ def test_register_prints_token_once_and_writes_a_private_bundle(reg: Registry) -
 
 def test_register_json_v1(reg: Registry) -> None:
     doc = reg.sensor.json()
-    assert set(doc) == {"id", "token", "bundle", "v1"}
+    assert set(doc) == {"id", "token", "bundle", "v1", "psk"}
+    assert doc["psk"] is False
     assert doc["id"] == "sensor-2" and doc["v1"] is True
     assert Path(doc["bundle"]) == reg.data_dir.resolve() / "bundles" / "sensor-2.json"
     bundle = json.loads(Path(doc["bundle"]).read_text())
@@ -291,7 +292,10 @@ def test_device_list(reg: Registry) -> None:
     docs = {d["id"]: d for d in as_json.ok().json()}
     assert {"lamp-1", "sensor-2", "owner-3"} <= set(docs)
     assert docs["sensor-2"]["v1"] is True
-    assert set(docs["lamp-1"]) == {"id", "v1", "revoked", "created_ms", "revoked_ms", "queued"}
+    assert set(docs["lamp-1"]) == {
+        *("id", "v1", "revoked", "created_ms", "revoked_ms", "queued", "psk")
+    }
+    assert docs["lamp-1"]["psk"] is False
     assert "token" not in as_json.out and "hash" not in as_json.out
 
 

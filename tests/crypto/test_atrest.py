@@ -5,7 +5,9 @@ sent."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import stat
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,19 @@ from typing import Any
 import pytest
 from support.raw_client import RawClient
 from support.server import ServerProcess
+from support.waiting import eventually
 
 from fishchat_iot.core.envelope import Envelope
 from fishchat_iot.crypto import CryptoError
 from fishchat_iot.crypto.atrest import ENC_AT_REST, AtRest, load_server_key
 
 from .test_e2e_server import register, scan
+
+
+def queued(server: ServerProcess, device_id: str) -> int:
+    with contextlib.closing(sqlite3.connect(server.data_dir / "fishchat.db")) as db:
+        row = db.execute("SELECT count(*) FROM offline WHERE device = ?", (device_id,)).fetchone()
+    return int(row[0])
 
 
 def key_mode(server: ServerProcess) -> int:
@@ -55,6 +64,10 @@ async def test_v1_and_plaintext_bodies_are_sealed_in_the_queue(
     async with await RawClient.connect(server.msg_server) as v:
         await v.login_v1(bv["id"])
         await v.send("SEND_MESSAGE_P2P", bt["id"], f"{marker} from v1", bv["id"])
+        # v1 has no receipts: wait until it is queued, or the token login below may
+        # replace the v1 session before the server has read the frame (v1 sends are
+        # lost with their connection, by protocol)
+        await eventually(lambda: queued(server, bt["id"]) == 1, "the v1 message is queued")
         async with await RawClient.connect(server.msg_server) as p:
             await p.login(bv["id"], bv["token"])  # a token session of the v1 device
             await p.send("SEND_MESSAGE_P2P", bt["id"], f"{marker} plain", "", "p-1")

@@ -70,6 +70,50 @@ def test_topic_vector_independently() -> None:
     assert plain == b"temp=21.5"
 
 
+@pytest.mark.parametrize("name", ["psk_up", "psk_down"])
+def test_psk_vectors_independently(name: str) -> None:
+    v = doc_vectors()[name]
+
+    # the header by hand: magic, str(id), str(from), str(to), ts, str(kind), str(enc), epoch
+    def s(x: str) -> bytes:
+        return len(x).to_bytes(2, "big") + x.encode()
+
+    header = (
+        (b"FCE1" + s(v["id"]) + s(v["from"]) + s(v["to"]) + int(v["ts"]).to_bytes(8, "big"))
+        + s("p2p")
+        + s("psk-chacha20poly1305")
+        + bytes(4)
+    )
+    assert header.hex() == v["header"]
+    sealed = bytes.fromhex(v["sealed"])
+    assert sealed[:5] == b"\x01\0\0\0\0" and sealed[13:25].hex() == v["nonce"]
+    assert int.from_bytes(sealed[5:13], "big") == int(v["ts"])
+    plain = ChaCha20Poly1305(bytes.fromhex(v["psk"])).decrypt(sealed[13:25], sealed[25:], header)
+    assert plain.hex() == v["plaintext"]
+
+
+def test_psk_device_and_gateway_open_each_other() -> None:
+    from fishchat_iot.core.envelope import Envelope
+    from fishchat_iot.crypto.device import PskCrypto
+    from fishchat_iot.crypto.gateway import open_from_device, seal_to_device
+
+    key = bytes(range(32))
+    dev = PskCrypto("lamp", key)
+    body, enc = dev.seal("p2p", "bob", "m-1", "on")
+    assert enc == "psk-chacha20poly1305"
+    assert open_from_device(key, "lamp", "bob", "p2p", "m-1", body) == "on"
+    with pytest.raises(CryptoError):
+        open_from_device(key, "lamp", "carol", "p2p", "m-1", body)  # moved
+    with pytest.raises(CryptoError):
+        open_from_device(key, "lamp", "bob", "topic", "m-1", body)  # another kind
+    env = Envelope("m-2", "bob", "lamp", "ok", 1764201602000, 1)
+    assert dev.open(sender="bob", msg_id="m-2", body=seal_to_device(key, env)) == "ok"
+    topic = Envelope("m-3", "bob", "lamp", "t", 1764201602000, 2, "topic", "room")
+    assert dev.open(sender="bob", msg_id="m-3", body=seal_to_device(key, topic), topic="room")
+    with pytest.raises(CryptoError):
+        dev.open(sender="bob", msg_id="m-3", body=seal_to_device(key, topic))  # not p2p
+
+
 def test_pair_key_is_symmetric_and_bound_to_the_ids() -> None:
     a, b = generate_keypair(), generate_keypair()
     k = p2p_key(a.private, "a", b.public, "b")

@@ -13,7 +13,7 @@ import pytest
 
 from fishchat_iot.core.envelope import Envelope
 from fishchat_iot.stores.base import DeviceRecord, Enqueued, StoreUnavailable, TopicRecord
-from fishchat_iot.stores.sqlite import SqliteStore
+from fishchat_iot.stores.sqlite import SCHEMA_VERSION, SqliteStore
 
 
 def device(device_id: str) -> DeviceRecord:
@@ -115,6 +115,30 @@ async def test_newer_schema_is_refused(db_path: Path) -> None:
         raw.execute("PRAGMA user_version = 999")
     with pytest.raises(StoreUnavailable, match="newer"):
         await SqliteStore(db_path).open()
+
+
+async def test_a_version_1_file_is_migrated_and_keeps_its_devices(db_path: Path) -> None:
+    # The schema of version 1: devices without the psk column.
+    db_path.parent.mkdir(parents=True)
+    with contextlib.closing(sqlite3.connect(db_path)) as raw:
+        raw.execute(
+            "CREATE TABLE devices (id TEXT PRIMARY KEY, token_hash BLOB NOT NULL, v1 INTEGER"
+            " NOT NULL DEFAULT 0, revoked INTEGER NOT NULL DEFAULT 0, created_ms INTEGER NOT"
+            " NULL DEFAULT 0, revoked_ms INTEGER NOT NULL DEFAULT 0, public_key TEXT NOT NULL"
+            " DEFAULT '', meta TEXT NOT NULL DEFAULT '{}')"
+        )
+        raw.execute("INSERT INTO devices (id, token_hash) VALUES ('old', x'01')")
+        raw.execute("PRAGMA user_version = 1")
+        raw.commit()
+    async with opened(db_path) as store:
+        old = await store.get_device("old")
+        assert old is not None and old.psk == "" and old.token_hash == b"\x01"
+        assert old.rotated_ms == 0
+        await store.add_device(DeviceRecord("new", b"\x01" * 32, psk="sealed"))
+        new = await store.get_device("new")
+        assert new is not None and new.psk == "sealed"
+    with contextlib.closing(sqlite3.connect(db_path)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
 
 
 async def test_another_process_changing_the_registry_is_noticed(db_path: Path) -> None:

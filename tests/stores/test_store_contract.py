@@ -58,6 +58,7 @@ async def test_device_round_trips_every_field(store: Store) -> None:
         created_ms=1234,
         public_key="cHVibGljLWtleQ==",
         meta={"model": "esp32", "room": "kitchen"},
+        psk="c2VhbGVkLXBzaw==",
     )
     await store.add_device(record)
     assert await store.get_device("sensor-1") == record
@@ -110,6 +111,29 @@ async def test_set_credentials_replaces_token_and_key(store: Store) -> None:
     d1 = await store.get_device("d1")
     assert d1 is not None
     assert (d1.token_hash, d1.public_key, d1.meta) == (b"\x02" * 32, "new", {"k": "v"})
+
+
+async def test_set_credentials_keeps_or_replaces_the_psk(store: Store) -> None:
+    await store.add_device(device("d1", psk="sealed-1"))
+    await store.set_credentials("d1", b"\x02" * 32, "")
+    d1 = await store.get_device("d1")
+    assert d1 is not None and d1.psk == "sealed-1"  # None: unchanged
+    await store.set_credentials("d1", b"\x03" * 32, "", psk="sealed-2")
+    d1 = await store.get_device("d1")
+    assert d1 is not None and (d1.token_hash, d1.psk) == (b"\x03" * 32, "sealed-2")
+
+
+async def test_rotated_since_names_devices_whose_credentials_changed(store: Store) -> None:
+    await store.add_device(device("d1"))
+    await store.add_device(device("d2"))
+    assert await store.rotated_since(0) == []  # never rotated
+    before = int(time.time() * 1000)
+    await store.set_credentials("d1", b"\x02" * 32, "k")
+    after = int(time.time() * 1000)
+    d1 = await store.get_device("d1")
+    assert d1 is not None and before <= d1.rotated_ms <= after
+    assert await store.rotated_since(before) == [("d1", d1.rotated_ms)]
+    assert await store.rotated_since(after + 1) == []
 
 
 async def test_set_credentials_unknown_device_raises(store: Store) -> None:
