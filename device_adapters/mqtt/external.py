@@ -41,6 +41,7 @@ from fishchat_iot import errors
 from fishchat_iot.config import Settings
 from fishchat_iot.core.envelope import Envelope
 from fishchat_iot.core.session import Mode
+from fishchat_iot.crypto.gateway import for_last_hop
 from fishchat_iot.roles.manager import Manager
 from fishchat_iot.roles.msg_server import MsgServer, valid_name
 
@@ -86,7 +87,7 @@ class ExternalSession(UplinkSession):
         out += payload
 
     def emit_message(self, env: Envelope) -> None:
-        self._record(codec.delivery(env))
+        self._record(codec.delivery(for_last_hop(self.server.psk, self, env)))
 
     def emit_accepted(self, msg_id: str) -> None:
         self._record(codec.accepted(msg_id))

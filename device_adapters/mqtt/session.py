@@ -14,7 +14,6 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter
@@ -26,7 +25,7 @@ from device_adapters.mqtt.uplink import UplinkSession
 from fishchat_iot import errors
 from fishchat_iot.core.envelope import Envelope
 from fishchat_iot.core.session import Mode
-from fishchat_iot.crypto.gateway import ENC_PSK, seal_to_device
+from fishchat_iot.crypto.gateway import for_last_hop
 from fishchat_iot.limits import DeviceRate, host_of
 
 if TYPE_CHECKING:
@@ -229,10 +228,7 @@ class MqttSession(UplinkSession):
         append_publish(self.out, self.inbox_topic, payload, qos, pid)
 
     def emit_message(self, env: Envelope) -> None:
-        if env.enc == "none":
-            key = self.server.psk.cached(self)
-            if key:  # a gateway-terminated device: sealed under its PSK on its last hop
-                env = replace(env, body=seal_to_device(key, env), enc=ENC_PSK)
+        env = for_last_hop(self.server.psk, self, env)
         self._append(codec.delivery(env), min(self._qos(), self.edge.uplink_qos))
 
     def emit_accepted(self, msg_id: str) -> None:

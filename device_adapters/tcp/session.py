@@ -17,7 +17,6 @@ import logging
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, cast
 
 import orjson
@@ -27,7 +26,7 @@ from device_adapters.tcp.listener import TcpListener
 from fishchat_iot import errors
 from fishchat_iot.core.envelope import KIND_P2P, KIND_TOPIC, Envelope
 from fishchat_iot.core.session import CLOSED, Session
-from fishchat_iot.crypto.gateway import ENC_PSK, seal_to_device
+from fishchat_iot.crypto.gateway import for_last_hop
 from fishchat_iot.crypto.seal import CryptoError, parse_enc
 from fishchat_iot.limits import DeviceRate, host_of, limits_for
 from fishchat_iot.roles.msg_server import MsgServer, valid_name
@@ -392,10 +391,8 @@ class TcpSession(Session, asyncio.Protocol):
 
     # -- Session: what the core emits -------------------------------------------------
     def emit_message(self, env: Envelope) -> None:
-        if env.enc == "none" and not self.v1:
-            key = self.server.psk.cached(self)
-            if key:  # a gateway-terminated device: sealed under its PSK on its last hop
-                env = replace(env, body=seal_to_device(key, env), enc=ENC_PSK)
+        if not self.v1:
+            env = for_last_hop(self.server.psk, self, env)
         if env.kind == KIND_P2P and env.enc == "none" and not self.v1:
             # The usual delivery, by template (the same bytes as append_frame).
             global _ts_text

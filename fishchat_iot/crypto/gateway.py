@@ -12,6 +12,7 @@ The registry holds each PSK only sealed under the server key (``AtRest.seal_psk`
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from typing import TYPE_CHECKING, Literal
 
@@ -89,3 +90,13 @@ class PskKeys:
 
 
 __all__ = ["ENC_PSK", "PskKeys", "open_from_device", "seal_to_device"]
+
+
+def for_last_hop(keys: PskKeys, s: Session, env: Envelope) -> Envelope:
+    """``env`` as the session's device must get it: a plaintext body sealed under its
+    PSK when it is a gateway-terminated device (every transport's ``emit_message``)."""
+    if env.enc == "none":
+        key = keys.cached(s)
+        if key:
+            return dataclasses.replace(env, body=seal_to_device(key, env), enc=ENC_PSK)
+    return env

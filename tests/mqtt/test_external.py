@@ -276,3 +276,29 @@ async def test_gateway_restart_asks_devices_to_say_hello(setup: Setup, fleet: Fl
     dev_b.ack(unacked)
     assert await dev_a.send(b, "after") and (await dev_b.receive(10)).text == "after"
     assert dev_a.reconnects == dev_b.reconnects == 0  # the devices never noticed
+
+
+async def test_psk_device_through_mosquitto_is_sealed_on_its_last_hop(setup: Setup) -> None:
+    """A gateway-terminated device on the external broker: what it sends is opened by
+    the gateway, what it gets is sealed under its pre-shared key, as on the embedded
+    broker (docs/crypto.md section 7)."""
+    from firmware_sim.mqtt_device import MqttDevice
+    from firmware_sim.tcp_device import TcpDevice
+    from fishchat_iot.crypto.seal import ENC_PSK
+
+    first = setup.prepare(["ext-tcp"], ["gw"])
+    reg = json.loads(first.cli("device", "register", "ext-psk", "--psk", "--json").stdout)
+    bundle = reg["bundle"]  # its path: the SDK reads it
+    [server] = setup.start(first)
+    assert setup.mosquitto is not None
+    m = MqttDevice.from_bundle(bundle, broker=setup.mosquitto.address, backoff_max=0.5)
+    t = TcpDevice("ext-tcp", setup.tokens["ext-tcp"], msg_server=server.msg_server)
+    async with m, t:
+        await asyncio.gather(m.connect(), t.connect())
+        await t.send("ext-psk", "to the small device")
+        got = await m.receive(timeout=15)
+        assert (got.sender, got.text, got.enc) == ("ext-tcp", "to the small device", ENC_PSK)
+        await m.send("ext-tcp", "from the small device")
+        got = await t.receive(timeout=15)
+        assert (got.sender, got.text, got.enc) == ("ext-psk", "from the small device", "none")
+        assert m.open_failed == 0
