@@ -158,7 +158,10 @@ class EmbeddedApp:
             handshake_timeout=self.settings.tcp.login_timeout,
         )
         await self.tls_listener.start()
-        self.gateway.tls_address = f"{self.settings.node.advertise_host}:{self.tls_listener.port}"
+        assert self.msg_server is not None
+        host = self.settings.node.advertise_host
+        self.msg_server.tls_address = f"{host}:{self.tls_listener.port}"
+        await self.msg_server.heartbeat()  # the gateway names it to TLS askers from now on
         log.info("msg_server TLS listener on %s", self.tls_listener.address)
 
     async def _start_mqtt(self, msg_server: MsgServer) -> None:

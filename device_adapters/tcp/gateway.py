@@ -65,14 +65,11 @@ class GatewayConnection(asyncio.Protocol):
 
     async def _answer(self, tls: bool = False) -> None:
         # ["tls"]: the TLS msg_server, never the plain one in its place (no downgrade).
-        if tls:
-            addr = self.gateway.tls_address or None
-        else:
-            addr = await self.gateway.pick_msg_server()
+        addr = await self.gateway.pick_msg_server(tls)
         if self.transport is None or self.transport.is_closing():
             return
         if addr is None:
-            what = "no TLS msg_server (tls.enabled is off)" if tls else "no msg_server is up"
+            what = "no TLS msg_server is up (tls.enabled is off)" if tls else "no msg_server is up"
             self._fail(errors.UNAVAILABLE, f"{what}: retry later")
             return
         out = bytearray()

@@ -31,6 +31,7 @@ class NodeInfo:
     msgs_in: int = 0  # messages accepted from devices on this node, since start
     msgs_out: int = 0  # messages written to devices on this node, since start
     stats: dict[str, Any] = field(default_factory=dict)  # role-specific figures (monitor)
+    tls_address: str = ""  # msg_server: host:port of its TLS listener, "" = none
 
 
 class Bus(abc.ABC):

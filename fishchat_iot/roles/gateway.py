@@ -21,18 +21,19 @@ class Gateway:
         self.answered = 0  # msg_servers named since start
         # node id -> (updated_ms of the heartbeat counted from, devices sent since)
         self._sent: dict[str, tuple[int, int]] = {}
-        # The TLS msg_server listener of this deployment ("" = none): the answer to a
-        # device that asks for TLS (REQ_MSG_SERVER ["tls"], docs/protocol.md).
-        self.tls_address = ""
 
-    async def pick_msg_server(self) -> str | None:
+    async def pick_msg_server(self, tls: bool = False) -> str | None:
         """Address of the live msg_server with the least load; ties take turns. None
-        when none is alive or the registry cannot be read."""
+        when none is alive or the registry cannot be read. ``tls``: the TLS listener
+        of the least loaded msg_server that has one (REQ_MSG_SERVER ["tls"],
+        docs/protocol.md), never a plain one in its place."""
         try:
             nodes = await self.bus.live_nodes("msg_server")
         except BusUnavailable as exc:
             log.warning("cannot read the node registry: %s", exc)
             return None
+        if tls:
+            nodes = [n for n in nodes if n.tls_address]
         if not nodes:
             return None
         sent = {}
@@ -48,4 +49,4 @@ class Gateway:
         updated, count = sent[chosen.node_id]
         self._sent[chosen.node_id] = (updated, count + 1)
         self.answered += 1
-        return chosen.address
+        return chosen.tls_address if tls else chosen.address

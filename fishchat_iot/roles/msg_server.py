@@ -79,6 +79,7 @@ class MsgServer:
         router.node = self
         self.node_id = node_id
         self.address = address  # host:port devices connect to
+        self.tls_address = ""  # host:port of the TLS listener, when there is one
         self.sessions: dict[str, Session] = {}
         self.started_ms = now_ms()
         self.msgs_in = 0
@@ -171,6 +172,7 @@ class MsgServer:
             msgs_in=self.msgs_in,
             msgs_out=self.msgs_out,
             stats=cluster_stats(self),
+            tls_address=self.tls_address,
         )
 
     async def heartbeat(self) -> None:

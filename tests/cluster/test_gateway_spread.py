@@ -8,7 +8,8 @@ import collections
 import time
 
 from support.cluster import Cluster
-from support.raw_client import gateway_lookup
+from support.raw_client import RawClient, gateway_lookup
+from support.redis import free_port
 
 from firmware_sim.tcp_device import TcpDevice
 
@@ -49,5 +50,34 @@ def test_spreads_100_devices_and_forgets_a_dead_node(cluster: Cluster) -> None:
                 await asyncio.sleep(0.2)
         finally:
             await asyncio.gather(*(d.close() for d in devices))
+
+    asyncio.run(scenario())
+
+
+def test_tls_askers_get_a_msg_server_that_listens_with_tls(cluster: Cluster) -> None:
+    """Only msg_server.19001 has TLS on: the gateway names it to every device asking for
+    TLS (REQ_MSG_SERVER ["tls"]), with its TLS listener; plain askers a plain one."""
+    node = "msg_server.19001"
+    cluster.cli("certs", "init", role=node)
+    cluster.cli("certs", "issue", "server", role=node)
+    tls_port = free_port()
+    cluster[node].env.update(FISHCHAT_TLS_ENABLED="true", FISHCHAT_TLS_MSG_PORT=str(tls_port))
+    cluster.start("gateway", "msg_server.19000", node)
+    assert cluster[node].ready["msg_server_tls"] == f"127.0.0.1:{tls_port}"
+
+    async def ask(tls: bool) -> str:
+        async with await RawClient.connect(cluster.gateway) as gw:
+            if tls:
+                await gw.send("REQ_MSG_SERVER", "tls")
+            else:
+                await gw.send("REQ_MSG_SERVER", newline=False)
+            [addr] = await gw.expect("SELECT_MSG_SERVER_FOR_CLIENT")
+            return addr
+
+    async def scenario() -> None:
+        assert {await ask(True) for _ in range(6)} == {f"127.0.0.1:{tls_port}"}
+        # Plain askers get plain listeners (which one is the load's business).
+        plain = {await ask(False) for _ in range(6)}
+        assert plain and plain <= {cluster.msg_server(0), cluster.msg_server(1)}
 
     asyncio.run(scenario())
