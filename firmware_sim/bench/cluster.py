@@ -164,7 +164,7 @@ def run(mongo_url: str, count: int, pairs: int, paced: float) -> dict[str, Any]:
                     receivers_at=receivers_at,
                     rate=rate,
                     prefix=prefix,
-                    settle=2.0,
+                    settle=float(os.environ.get("FISHCHAT_BENCH_SETTLE", "2")),
                 )
             )
             cpu = m0.cpu() + m1.cpu() - cpu0

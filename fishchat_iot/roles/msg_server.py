@@ -114,6 +114,10 @@ class MsgServer:
         self._reread: set[str] = set()
         # Per device: ids acked whose queued copies the store has not deleted yet.
         self._acking: dict[str, collections.Counter[str]] = {}
+        # Per device catching up (its feed has read everything below the hand-offs still
+        # under way): messages arriving for it meanwhile, held here instead of going to
+        # the store, with their receipts and whether they were accepted before.
+        self._held: dict[str, list[tuple[Envelope, Receipt | None, bool]]] = {}
         # Group commit of hand-offs (per kind of routing) and of acks of stored copies.
         self._routing: dict[tuple[bool, bool], Batcher[Envelope, Enqueued]] = {}
         self._acks: Batcher[tuple[str, str], None] = Batcher(
@@ -302,6 +306,9 @@ class MsgServer:
             s.mode = Mode.CLOSED
             return errors.UNAVAILABLE, "routing unavailable, retry later"
         if s.mode is not Mode.CLOSED:
+            # Whatever arrives from now on is newer than everything queued or on its way
+            # to the queue: hold it while the feed catches up, rather than queue it too.
+            self._held[device_id] = []
             self._start_drain(s)
         return None
 
@@ -317,14 +324,18 @@ class MsgServer:
         if s.drain_task is not None:
             s.drain_task.cancel()
             s.drain_task = None
+        held = None
         if self.sessions.get(s.device_id) is s:
             del self.sessions[s.device_id]
             self.spawn(self.bus.clear_presence(s.device_id, self.node_id), "presence")
+            held = self._held.pop(s.device_id, None)
         unstored = [env for env, stored in s.inflight.values() if not stored]
         s.inflight.clear()
         if unstored:
             unstored.sort(key=lambda e: e.okey)
-            self._hand_off(unstored, None, accepted=True)
+            self._hand_off(unstored, None, accepted=True, holdable=False)
+        if held:
+            self._spill(held)
 
     def revoked(self, device_id: str) -> None:
         s = self.sessions.get(device_id)
@@ -638,7 +649,7 @@ class MsgServer:
                 self._ack_arrived(device_id, mid)  # no longer in flight here
         if envs:
             envs.sort(key=lambda e: e.okey)
-            self._hand_off(envs, None, accepted=True)
+            self._hand_off(envs, None, accepted=True, holdable=False)
 
     def _begin_receipt(self, s: Session) -> None:
         s.pending_receipts += 1
@@ -657,10 +668,16 @@ class MsgServer:
         accepted: bool,
         check_recipient: bool = False,
         via_router: bool = False,
+        holdable: bool = True,
     ) -> None:
         """Start the durable hand-off of messages no live session took. Counted per
         recipient *now*, before any await, so a recipient logging in meanwhile waits
-        for it before going live (that is what keeps per-pair order)."""
+        for it before going live (that is what keeps per-pair order). Messages for a
+        recipient catching up are held for it instead (``holdable``: they may be)."""
+        if self._held and holdable:
+            envs = self._hold(envs, receipt, accepted)
+            if not envs:
+                return
         for env in envs:
             keys = self._pending.setdefault(env.to, {})
             keys[env.okey] = keys.get(env.okey, 0) + 1
@@ -678,6 +695,52 @@ class MsgServer:
             self._hand_off_task(envs, receipt, accepted, check_recipient, via_router, prev, gate),
             "hand-off",
         )
+
+    def _hold(
+        self, envs: list[Envelope], receipt: Receipt | None, accepted: bool
+    ) -> list[Envelope]:
+        """Hold the messages whose recipient is catching up; return the others. A full
+        hold (``inflight_window`` messages) goes to the store first, in order, and its
+        recipient's catching up ends there."""
+        rest: list[Envelope] = []
+        for env in envs:
+            held = self._held.get(env.to)
+            if held is not None and len(held) >= self.window:
+                del self._held[env.to]
+                self._spill(held)
+                held = None
+            if held is None:
+                rest.append(env)
+                continue
+            if receipt is not None:
+                receipt.hold()
+            held.append((env, receipt, accepted))
+        return rest
+
+    def _spill(self, held: list[tuple[Envelope, Receipt | None, bool]]) -> None:
+        """Held messages to the store after all (their recipient left, or too many)."""
+        for env, receipt, accepted in held:
+            self._hand_off([env], receipt, accepted, holdable=False)
+            if receipt is not None:
+                receipt.release()
+
+    def _go_live(self, s: Session) -> None:
+        """The feed has caught up: write what was held for the session, in the order
+        it came, and deliver live from now on."""
+        s.mode = LIVE
+        self._arrivals.pop(s.device_id, None)
+        held = self._held.pop(s.device_id, None)
+        if not held:
+            return
+        now = now_ms()
+        for env, receipt, _accepted in held:
+            s.push(env, False)
+            self.msgs_out += 1
+            self.latency.observe(now - env.ts)
+            if receipt is not None:
+                if self.receipt_after_ack:
+                    self._wait_for_ack(env, receipt)
+                receipt.release()
 
     async def _hand_off_task(
         self,
@@ -948,6 +1011,11 @@ class MsgServer:
                     self._delete_stored(device, written)
                 if batch:
                     continue
+                if device not in self._held:
+                    # Caught up below the hand-offs under way: hold what arrives from
+                    # now on instead of queueing it behind them (a steady stream would
+                    # otherwise keep the session on the store path for good).
+                    self._held[device] = []
                 if self._pending.get(device):
                     if mark is not None and mark in self._pending[device]:
                         # Nothing usable until the lowest hand-off settles.
@@ -955,8 +1023,7 @@ class MsgServer:
                         await ev.wait()
                     continue
                 if not fetched and self._arrivals.get(device, 0) == arrivals:
-                    s.mode = Mode.LIVE
-                    self._arrivals.pop(device, None)
+                    self._go_live(s)
                     return
         finally:
             if s.drain_task is asyncio.current_task():
