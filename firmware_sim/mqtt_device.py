@@ -477,6 +477,14 @@ class MqttDevice(_E2E):
             payload = orjson.dumps({"op": "public_key", "device": device_id})
             link.publish(f"{self.prefix}ctl", payload, self.qos)
 
+    def _ask_topic_owner(self, topic: str) -> bool:
+        link = self._link
+        if link is None:
+            return False  # not connected: the key stays unacked and comes again
+        payload = orjson.dumps({"op": "topic_owner", "topic": topic})
+        link.publish(f"{self.prefix}ctl", payload, self.qos)
+        return True
+
     async def create_topic(self, name: str) -> None:
         await self._request_reply("create_topic", name)
         self._topic_owners[name] = self.device_id  # topic keys come from the owner only
@@ -721,6 +729,8 @@ class MqttDevice(_E2E):
             if req is not None and req.op == "public_key" and req.name == device:
                 if not req.future.done():
                     req.future.set_result(key)
+        elif kind == "ok" and doc.get("op") == "topic_owner":
+            await self._got_topic_owner(str(doc.get("topic", "")), str(doc.get("owner", "")))
         elif kind == "ok":
             req = self._request
             op = str(doc.get("op", ""))

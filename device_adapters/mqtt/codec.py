@@ -20,7 +20,16 @@ ROOT = "fc"
 INBOX = "in"
 MAX_ACK_IDS = 1000  # ids in one ack envelope
 CTL_OPS = frozenset(
-    {"create_topic", "join_topic", "leave_topic", "hello", "bye", "ping", "public_key"}
+    {
+        "create_topic",
+        "join_topic",
+        "leave_topic",
+        "hello",
+        "bye",
+        "ping",
+        "public_key",
+        "topic_owner",
+    }
 )
 # The uplink topic kinds under fc/{id}/, and the ones that name a target after them.
 KINDS_WITH_TARGET = frozenset({"p2p", "topic"})
@@ -168,7 +177,7 @@ def parse_uplink(kind: str, target: str, payload: bytes, max_payload: int) -> Up
         name = _string(doc, "device", "")
         if not valid_name(name):
             raise BadEnvelope(errors.BAD_ARGS, f"invalid device id {name[:150]!r}", name[:150])
-    elif op.endswith("_topic"):
+    elif op.endswith("_topic") or op == "topic_owner":
         name = _string(doc, "topic", "")
         if not valid_name(name):
             raise BadEnvelope(errors.BAD_ARGS, f"invalid topic name {name[:150]!r}", name[:150])

@@ -80,6 +80,8 @@ class UplinkSession(Session):
             return server.spawn(server.leave_topic(self, up.target), "leave-topic")
         elif up.op == "public_key":
             return server.spawn(self._public_key(up.target), "public-key")
+        elif up.op == "topic_owner":
+            return server.spawn(self._topic_owner(up.target), "topic-owner")
         else:
             return self.control(up)
         return None
@@ -107,6 +109,14 @@ class UplinkSession(Session):
                 self.emit_error(errors.UNKNOWN_DEVICE, f"no device {device_id!r}", device_id)
             else:
                 self.emit_payload(codec.ok("public_key", device=device_id, key=key))
+        self.mark_dirty()
+
+    async def _topic_owner(self, name: str) -> None:
+        """ctl ``topic_owner``: ``{"kind": "ok", "op": "topic_owner", "topic": name,
+        "owner": id}`` for a member, else UNKNOWN_TOPIC / NOT_A_MEMBER."""
+        owner = await self.server.topic_owner(self, name)
+        if owner is not None:
+            self.emit_payload(codec.ok("topic_owner", name, owner=owner))
         self.mark_dirty()
 
     def control(self, up: Uplink) -> asyncio.Task[Any] | None:

@@ -584,17 +584,9 @@ def _get_topic_owner(s: TcpSession, args: list[str]) -> asyncio.Task[Any]:
 async def _topic_owner(s: TcpSession, name: str) -> None:
     """``GET_TOPIC_OWNER [name]`` -> ``TOPIC_OWNER [name, owner]``, for members: their
     SDK takes a topic key only from the topic's owner (docs/crypto.md section 5)."""
-    try:
-        topic = await s.server.manager.topic(name)
-    except StoreUnavailable:
-        s.emit_error(errors.UNAVAILABLE, "registry unavailable, retry later", name)
-    else:
-        if topic is None:
-            s.emit_error(errors.UNKNOWN_TOPIC, f"no topic {name!r}", name)
-        elif s.device_id not in topic.members:
-            s.emit_error(errors.NOT_A_MEMBER, f"not a member of topic {name!r}", name)
-        elif not s.v1:
-            append_frame(s.out, "TOPIC_OWNER", [name, topic.owner])
+    owner = await s.server.topic_owner(s, name)
+    if owner is not None and not s.v1:
+        append_frame(s.out, "TOPIC_OWNER", [name, owner])
     s.mark_dirty()
 
 

@@ -10,7 +10,8 @@ the bus documents for no loss; ``FISHCHAT_BENCH_FSYNC=everysec`` for the cheaper
 setting), uses the MongoDB at ``--mongo-url`` or starts the mongoeco test server that
 ``scripts/test-services.sh`` installs, and runs ``fishchat-iot run msg-server`` twice,
 ``router`` and ``manager`` from ``configs/`` with free ports, the cluster's receipts
-(``delivery.receipt = "acked"``) and per-device limits off.
+(``delivery.receipt = "acked"``) and per-device limits off. Each run waits 2 s between
+its logins and its first send (``FISHCHAT_BENCH_SETTLE`` seconds).
 """
 
 from __future__ import annotations

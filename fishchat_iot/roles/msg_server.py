@@ -1039,6 +1039,22 @@ class MsgServer:
         return rec.public_key
 
     # -- topics ----------------------------------------------------------------------
+    async def topic_owner(self, s: Session, name: str) -> str | None:
+        """The owner of a topic ``s``'s device is a member of (its SDK takes topic keys
+        from the owner only, docs/crypto.md section 5); None after telling it why not."""
+        try:
+            topic = await self.manager.topic(name)
+        except StoreUnavailable:
+            s.emit_error(errors.UNAVAILABLE, "registry unavailable, retry later", name)
+            return None
+        if topic is None:
+            s.emit_error(errors.UNKNOWN_TOPIC, f"no topic {name!r}", name)
+        elif s.device_id not in topic.members:
+            s.emit_error(errors.NOT_A_MEMBER, f"not a member of topic {name!r}", name)
+        else:
+            return topic.owner
+        return None
+
     async def create_topic(self, s: Session, name: str) -> None:
         if not valid_name(name):
             s.emit_error(errors.BAD_ARGS, f"invalid topic name {name!r}", name)

@@ -46,3 +46,28 @@ async def test_mqtt_and_tcp_devices_exchange_sealed_messages(
         assert got.text == f"{marker} topic back"
         assert m.open_failed == t.open_failed == 0
     assert scan(server, marker.encode()) == []
+
+
+async def test_an_mqtt_member_takes_the_topic_key_from_the_owner_only(
+    up_server_factory: Any, uid: str
+) -> None:
+    """The MQTT SDK asks the gateway who owns a topic (ctl ``topic_owner``) when a key
+    arrives: the owner's is taken, another member's is ignored."""
+    server: ServerProcess = up_server_factory()
+    bo, bx = register(server, f"{uid}-o"), register(server, f"{uid}-x")
+    bm = register(server, f"{uid}-m")
+    m = MqttDevice.from_bundle(bm, broker=server.ready["mqtt"], e2e=True, backoff_max=0.5)
+    async with m, device(server, bo) as owner, device(server, bx) as other:
+        topic = f"{uid}-room"
+        await owner.create_topic(topic)
+        await other.join_topic(topic)
+        await m.join_topic(topic)
+        # Not the owner: ignored, whatever epoch it claims.
+        await other.share_topic_key(topic, [bm["id"]])
+        await eventually(lambda: m.topic_keys_refused == 1, "m refused the member's key")
+        await owner.share_topic_key(topic, [bm["id"], bx["id"]])
+        await eventually(lambda: m.topic_keys_received == 1, "m took the owner's key")
+        await owner.publish(topic, "for the members")
+        got = await m.receive(timeout=10)
+        assert (got.sender, got.topic, got.text) == (bo["id"], topic, "for the members")
+        assert m.open_failed == 0
