@@ -66,6 +66,11 @@ class Bus(abc.ABC):
     async def where(self, device_id: str) -> str | None:
         """The node holding the device's live session, if any."""
 
+    def on_presence_restored(self, callback: Callable[[list[str]], None]) -> None:  # noqa: B027
+        """Call ``callback`` with devices whose presence had expired (an outage of the
+        bus) and was set again for this process: messages for them may have gone to
+        their offline queues meanwhile. The embedded bus never loses presence."""
+
     async def where_many(self, device_ids: Sequence[str]) -> list[str | None]:
         """``where`` for several devices (one round trip on a remote bus)."""
         return [await self.where(d) for d in device_ids]

@@ -223,6 +223,7 @@ class RedisBus(Bus):
         self._owned: dict[str, str] = {}  # device -> node: presence this process keeps
         self._tasks: set[asyncio.Task[None]] = set()
         self._event_callbacks: list[Callable[[dict[str, Any]], None]] = []
+        self._restored_callbacks: list[Callable[[list[str]], None]] = []
         self._events_task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -409,12 +410,27 @@ class RedisBus(Bus):
                     client=pipe,
                 )
             results = await self._call("refresh_presence", pipe.execute())
+            restored = []
             for (device_id, node_id), result in zip(chunk, results, strict=True):
                 if result:
                     kept += 1
+                    if result == 2:
+                        restored.append(device_id)
                 elif self._owned.get(device_id) == node_id:
                     del self._owned[device_id]  # a newer login elsewhere holds it
+            if restored:
+                for callback in list(self._restored_callbacks):
+                    try:
+                        callback(restored)
+                    except Exception:
+                        log.exception("presence-restored callback %r failed", callback)
         return kept
+
+    def on_presence_restored(self, callback: Callable[[list[str]], None]) -> None:
+        """``callback(devices)`` when a refresh found their presence expired (Redis was
+        away longer than ``presence_ttl``, or restarted) and set it again: senders on
+        other nodes may have queued messages for them meanwhile."""
+        self._restored_callbacks.append(callback)
 
     async def _refresh_presence_loop(self) -> None:
         outage = _Outage("presence refresh", self._backoff_max)

@@ -134,6 +134,7 @@ class MsgServer:
             lambda: self.bus.attach_inbox(self.node_id, self.deliver_from_bus),
             f"the inbox of {self.node_id}",
         )
+        self.bus.on_presence_restored(self._presence_restored)
         try:
             await self.heartbeat()
             self.router.routers_alive = bool(await self.bus.live_nodes(ROUTER_ROLE))
@@ -219,6 +220,14 @@ class MsgServer:
                     bus_down = False
                     log.warning("node heartbeat: the bus is reachable again")
                     self.spawn(self._reread_queued(), "after-outage")
+
+    def _presence_restored(self, devices: list[str]) -> None:
+        """Their presence had expired while they were connected here: others may have
+        queued messages for them meanwhile (and could not poke a node they did not
+        see): read their queues again."""
+        for device_id in devices:
+            if device_id in self.sessions:
+                self.poked(device_id)
 
     async def _reread_queued(self) -> None:
         """After a bus outage: messages for devices held here may have gone to their

@@ -16,6 +16,7 @@ from support.raw_client import ConnectionClosed, RawClient, split_addr
 from support.server import ServerProcess
 
 from fishchat_iot import errors
+from fishchat_iot.config import Settings
 
 from .conftest import finish, mqtt_connect
 
@@ -255,14 +256,19 @@ async def test_brute_force_1000_tokens(up_server_factory: Any, uid: str) -> None
             answers[code] = answers.get(code, 0) + 1
             await c.close()
 
+    started = time.monotonic()
     attack = asyncio.gather(*(attacker(100) for _ in range(10)))
     during = []
     while not attack.done():
         during.append(await login_time("127.0.0.63"))
     await attack
+    # The burst, plus one more for every 10 s the attack took (limits.login_fail_refill
+    # forgives 0.1 a second): a slow machine may see one or two refills.
+    refilled = int((time.monotonic() - started) * Settings().limits.login_fail_refill)
     assert sum(answers.values()) == 1000
-    assert answers.get(errors.AUTH_FAILED) == RATES_DEFAULT_ADDR_BURST, answers
-    assert answers.get(errors.THROTTLED) == 1000 - RATES_DEFAULT_ADDR_BURST, answers
+    failed = answers.get(errors.AUTH_FAILED, 0)
+    assert RATES_DEFAULT_ADDR_BURST <= failed <= RATES_DEFAULT_ADDR_BURST + refilled, answers
+    assert answers.get(errors.THROTTLED) == 1000 - failed, answers
     median = sorted(during)[len(during) // 2]
     print(f"login: {baseline * 1000:.1f} ms before, {median * 1000:.1f} ms during the attack")
     assert median < max(3 * baseline, baseline + 0.05), (baseline, median)
