@@ -11,15 +11,33 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Literal
+from typing import Literal, TypeVar
 
 from fishchat_iot.stores.base import DeviceRecord, Store, TopicRecord
 
 log = logging.getLogger("fishchat.manager")
 
 
+# Registry records kept in memory at most (the oldest cached goes first): a node with
+# a large fleet must not hold a record of every device it ever looked up. Logins and
+# look-ups of devices not cached read the store; topic sends read the topic cache.
+DEVICE_CACHE_MAX = 4096
+TOPIC_CACHE_MAX = 8192
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _remember(cache: dict[K, V], key: K, value: V, most: int) -> None:
+    """Cache ``value``, dropping the oldest entry beyond ``most`` (dicts keep insertion
+    order)."""
+    cache[key] = value
+    if len(cache) > most:
+        del cache[next(iter(cache))]
 
 
 class Manager:
@@ -73,7 +91,7 @@ class Manager:
         gen = self._generation
         rec = await self.store.get_device(device_id)
         if gen == self._generation:
-            self._devices[device_id] = rec
+            _remember(self._devices, device_id, rec, DEVICE_CACHE_MAX)
         return rec
 
     def cached_topic(self, name: str) -> TopicRecord | Literal[False] | None:
@@ -87,7 +105,7 @@ class Manager:
         gen = self._generation
         rec = await self.store.get_topic(name)
         if gen == self._generation:
-            self._topics[name] = rec
+            _remember(self._topics, name, rec, TOPIC_CACHE_MAX)
         return rec
 
     # -- registry writes from devices (CREATE_TOPIC, JOIN_TOPIC, LEAVE_TOPIC) --
