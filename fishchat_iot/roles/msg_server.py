@@ -338,6 +338,7 @@ class MsgServer:
             del self.sessions[s.device_id]
             self.spawn(self.bus.clear_presence(s.device_id, self.node_id), "presence")
             held = self._held.pop(s.device_id, None)
+            self._reread.discard(s.device_id)  # a new session reads from the start anyway
         unstored = [env for env, stored in s.inflight.values() if not stored]
         s.inflight.clear()
         if unstored:
