@@ -24,7 +24,12 @@ async def _recv_texts(dev: TcpDevice, n: int, timeout: float = 15.0) -> list[str
 
 def test_p2p_both_ways_and_a_topic_across_nodes(cluster: Cluster) -> None:
     ops = cluster.operator()
-    cluster.start()
+    # The router first: a msg_server hands topic members on other nodes to the routers
+    # when it has seen one alive (checked at its start and every heartbeat), and routes
+    # them itself otherwise; this test is about the router's path.
+    cluster.start("router")
+    until(lambda: "router" in cluster.nodes(), "the router is in the node registry")
+    cluster.start("gateway", "msg_server.19000", "msg_server.19001", "manager", "monitor")
     tokens = cluster.register("a", "b", "c", "d")
     cluster.topic("room", "a", ["a", "b", "c"])
     m0, m1 = cluster.msg_server(0), cluster.msg_server(1)
