@@ -87,7 +87,7 @@ class ExternalSession(UplinkSession):
         out += payload
 
     def emit_message(self, env: Envelope) -> None:
-        self._record(codec.delivery(for_last_hop(self.server.psk, self, env)))
+        self._record(codec.delivery(for_last_hop(self, env)))
 
     def emit_accepted(self, msg_id: str) -> None:
         self._record(codec.accepted(msg_id))

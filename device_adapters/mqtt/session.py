@@ -228,7 +228,7 @@ class MqttSession(UplinkSession):
         append_publish(self.out, self.inbox_topic, payload, qos, pid)
 
     def emit_message(self, env: Envelope) -> None:
-        env = for_last_hop(self.server.psk, self, env)
+        env = for_last_hop(self, env)
         self._append(codec.delivery(env), min(self._qos(), self.edge.uplink_qos))
 
     def emit_accepted(self, msg_id: str) -> None:

@@ -60,7 +60,6 @@ class TcpSession(Session, asyncio.Protocol):
     transport and the core's tables (docs/benchmarks.md, memory per idle session)."""
 
     __slots__ = (
-        "__weakref__",  # PskKeys (crypto/gateway.py) keys its cache by session
         "_read_pauses",
         "_throttled",
         "_write_paused",
@@ -74,7 +73,6 @@ class TcpSession(Session, asyncio.Protocol):
         "logging_in",
         "login_task",
         "login_timer",
-        "peer",
         "rate",
         "server",
         "spoof_logged",
@@ -90,7 +88,6 @@ class TcpSession(Session, asyncio.Protocol):
         self.server = server
         self.inbuf: bytearray | None = None  # a frame's first part, until the rest comes
         self.transport: asyncio.Transport | None = None
-        self.peer = "?"
         self.logging_in = False
         self.waiting = False  # a command is waiting for the store: hold the next frames
         self.held: list[Item] | None = None  # frames read while logging in or waiting
@@ -106,6 +103,17 @@ class TcpSession(Session, asyncio.Protocol):
         self.rate: DeviceRate | None = None  # the device's rate buckets, once logged in
         self._throttled = False  # reading paused until the device's rate debt is paid
 
+    @property
+    def peer(self) -> str:
+        """The device's address, for logs and per-address limits (asked of the
+        transport when needed: an idle session keeps no string for it)."""
+        t = self.transport
+        try:
+            peer = t.get_extra_info("peername") if t is not None else None
+        except Exception:  # a closed transport may have no socket to ask
+            peer = None
+        return f"{peer[0]}:{peer[1]}" if peer else "?"
+
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport: no isinstance check.
@@ -114,7 +122,6 @@ class TcpSession(Session, asyncio.Protocol):
         # No TCP_NODELAY here: asyncio and uvloop set it on every TCP transport, and
         # asking for the socket object makes uvloop keep one per connection.
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         if peer and not self.limits.connection_allowed(str(peer[0]), self.listener.name):
             self.transport.abort()  # over limits.conn_rate: no frame, no timer
             return
@@ -392,7 +399,7 @@ class TcpSession(Session, asyncio.Protocol):
     # -- Session: what the core emits -------------------------------------------------
     def emit_message(self, env: Envelope) -> None:
         if not self.v1:
-            env = for_last_hop(self.server.psk, self, env)
+            env = for_last_hop(self, env)
         if env.kind == KIND_P2P and env.enc == "none" and not self.v1:
             # The usual delivery, by template (the same bytes as append_frame).
             global _ts_text

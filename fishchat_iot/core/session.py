@@ -7,7 +7,7 @@ import abc
 import asyncio
 import enum
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from fishchat_iot.core.envelope import Envelope
 
@@ -75,6 +75,7 @@ class Session(abc.ABC):
         "node",
         "out",
         "pending_receipts",
+        "psk",
         "v1",
     )
 
@@ -98,6 +99,9 @@ class Session(abc.ABC):
         self.drain_task: asyncio.Task[None] | None = None
         self.out = bytearray()
         self.dirty = False
+        # A gateway-terminated device's pre-shared key (crypto/gateway.py, PskKeys):
+        # None when it has none, False until looked up.
+        self.psk: bytes | Literal[False] | None = False
 
     # -- what the transport provides -----------------------------------------
     @abc.abstractmethod

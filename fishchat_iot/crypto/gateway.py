@@ -6,14 +6,14 @@ then routed like any plaintext body (sealed at rest when queued, ``atrest.py``),
 sealed again under the recipient's PSK when it is written to a PSK device.
 
 The registry holds each PSK only sealed under the server key (``AtRest.seal_psk``).
-``PskKeys`` opens it once per session and keeps it for the session's lifetime (a
-``device rotate`` cuts the device's sessions, so a session never outlives its key).
+``PskKeys`` opens it once per session and keeps it on the session (``Session.psk``) for
+the session's lifetime (a ``device rotate`` cuts the device's sessions, so a session
+never outlives its key).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from typing import TYPE_CHECKING, Literal
 
 from fishchat_iot.core.envelope import KIND_TOPIC, Envelope
@@ -55,26 +55,27 @@ def seal_to_device(key: bytes, env: Envelope) -> str:
 
 
 class PskKeys:
-    """The PSKs of logged-in gateway-terminated devices, opened from the registry under
-    the server key once per session (weakly keyed: gone with the session)."""
+    """Opens the PSKs of logged-in gateway-terminated devices from the registry under
+    the server key, once per session; the key lives on the session (``Session.psk``:
+    one slot, read on every delivery without a lookup)."""
 
     def __init__(self, manager: Manager) -> None:
         self.manager = manager
-        self._keys: weakref.WeakKeyDictionary[Session, bytes | None] = weakref.WeakKeyDictionary()
 
     def _atrest(self) -> AtRest | None:
         # EmbeddedApp's store is a SealedStore that holds the server key.
         return getattr(self.manager.store, "atrest", None)
 
-    def cached(self, s: Session) -> bytes | Literal[False] | None:
+    @staticmethod
+    def cached(s: Session) -> bytes | Literal[False] | None:
         """The session's PSK, None when its device has none, False when not looked up."""
-        return self._keys[s] if s in self._keys else False
+        return s.psk
 
     async def load(self, s: Session) -> bytes | None:
         """The session's PSK (looked up once). StoreUnavailable propagates; a sealed PSK
         that does not open (another server key) raises CryptoError."""
-        if s in self._keys:
-            return self._keys[s]
+        if s.psk is not False:
+            return s.psk
         rec = await self.manager.device(s.device_id)
         key = None
         if rec is not None and rec.psk:
@@ -82,21 +83,18 @@ class PskKeys:
             if atrest is None:
                 raise CryptoError("the server key is not loaded")
             key = atrest.open_psk(rec.id, rec.psk)
-        self._keys[s] = key
+        s.psk = key
         return key
-
-    def forget(self, s: Session) -> None:
-        self._keys.pop(s, None)
 
 
 __all__ = ["ENC_PSK", "PskKeys", "open_from_device", "seal_to_device"]
 
 
-def for_last_hop(keys: PskKeys, s: Session, env: Envelope) -> Envelope:
+def for_last_hop(s: Session, env: Envelope) -> Envelope:
     """``env`` as the session's device must get it: a plaintext body sealed under its
     PSK when it is a gateway-terminated device (every transport's ``emit_message``)."""
     if env.enc == "none":
-        key = keys.cached(s)
+        key = s.psk
         if key:
             return dataclasses.replace(env, body=seal_to_device(key, env), enc=ENC_PSK)
     return env

@@ -5,30 +5,20 @@ histogram's count is still the number of observations."""
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 import pytest
 
 from device_adapters.tcp.framing import FrameDecoder, FrameError, append_frame, decode, encode_frame
 from device_adapters.tcp.session import TcpSession
 from fishchat_iot.core.envelope import KIND_TOPIC, Envelope
 from fishchat_iot.core.session import NO_INFLIGHT
-from fishchat_iot.crypto.gateway import PskKeys
 from fishchat_iot.roles.monitor_metrics import Histogram
-
-
-class _NoPskServer:
-    """All ``emit_message`` asks of the server: the PSK of a gateway-terminated
-    recipient (an empty cache: these are not such devices)."""
-
-    psk = PskKeys(cast(Any, None))
 
 
 def _bare_session(v1: bool = False) -> TcpSession:
     s = TcpSession.__new__(TcpSession)  # no listener: only the emit_* paths
     s.out = bytearray()
     s.v1 = v1
-    s.server = cast(Any, _NoPskServer())
+    s.psk = None  # not a gateway-terminated device
     return s
 
 
