@@ -41,6 +41,7 @@ from firmware_sim.bench.servers import (
     start_gateway,
     start_mosquitto,
 )
+from fishchat_iot.cli.up import run_loop
 
 TOKEN = "bench-token-0123456789abcdef0123456789abcdef"
 
@@ -60,6 +61,7 @@ class BenchConfig:
     idle_timeout: float = 120.0  # seconds to connect one idle set
     profile: str = ""  # py-spy raw output of the gateway during the TCP run
     latency_seconds: float = 3.0  # paced TCP runs: at 1000 msgs/s and at 80 % of the peak
+    rates: list[float] = field(default_factory=list)  # more paced TCP runs (msgs/s)
 
 
 def _ms(values: Any, q: float) -> float | None:
@@ -180,15 +182,16 @@ def _profiler(pid: int, path: str) -> subprocess.Popen[bytes] | None:
 def _paced(
     gw: Server, cfg: BenchConfig, peak: float, say: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    """The gateway's TCP latency at fixed rates: 1000 msgs/s and 80 % of ``peak``."""
+    """The gateway's TCP latency at fixed rates: 1000 msgs/s, 80 % of ``peak`` and
+    ``cfg.rates``."""
     out = []
-    for rate in sorted({1000.0, round(0.8 * peak)}):
+    for rate in sorted({1000.0, float(round(0.8 * peak)), *cfg.rates}):
         if rate <= 0:
             continue
         n = max(cfg.pairs, int(rate * cfg.latency_seconds))
         say(f"gateway TCP p2p paced: {rate:g} msgs/s, {n} messages")
         m = _Measure(gw)
-        res = asyncio.run(
+        res = run_loop(
             tcp_bench.p2p(
                 gw.info["msg_server"],
                 TOKEN,
@@ -205,6 +208,7 @@ def _paced(
         row = _row("gateway-tcp", f"paced {rate:g}/s", n, res, m.cpu())
         out.append({k: row[k] for k in ("count", "delivered", "lost", "p50_ms", "p99_ms")})
         out[-1]["rate"] = rate
+        out[-1]["of_peak"] = round(rate / peak, 2) if peak else None
         out[-1]["cpu_us_per_msg"] = row["cpu_us_per_msg"]
     return out
 
@@ -224,7 +228,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = lambda s: None) -> 
                 m = _Measure(gw)
                 prof = _profiler(gw.pid, cfg.profile) if cfg.profile else None
                 try:
-                    res = asyncio.run(
+                    res = run_loop(
                         tcp_bench.p2p(
                             gw.info["msg_server"],
                             TOKEN,
@@ -391,7 +395,8 @@ def table(report: dict[str, Any]) -> str:
     for r in report["results"]:
         for paced in r.get("paced", []):
             lines.append(
-                f"{r['label']} paced at {paced['rate']:,.0f} msgs/s: p50 "
+                f"{r['label']} paced at {paced['rate']:,.0f} msgs/s "
+                f"({_fmt(paced.get('of_peak'), '.2f')} of its peak): p50 "
                 f"{_fmt(paced['p50_ms'], '.2f')} ms, p99 {_fmt(paced['p99_ms'], '.2f')} ms, "
                 f"lost {paced['lost']} of {paced['count']}, "
                 f"{_fmt(paced['cpu_us_per_msg'])} µs server CPU per message"

@@ -31,6 +31,7 @@ from typing import Any
 from firmware_sim.bench import _ms, machine
 from firmware_sim.bench.servers import CLI, Server, _readline, free_port
 from firmware_sim.bench.tcp import p2p, pair_ids
+from fishchat_iot.cli.up import run_loop
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TOKEN = "bench-token"
@@ -155,7 +156,7 @@ def run(mongo_url: str, count: int, pairs: int, paced: float) -> dict[str, Any]:
             # Devices of their own per run; the first queue read of each login (from
             # MongoDB) is done before the stream starts, or the stream goes to the queue
             # (the login race, benchmarks.md): settle 2 s, uncounted.
-            res = asyncio.run(
+            res = run_loop(
                 p2p(
                     a0,
                     TOKEN,

@@ -28,6 +28,18 @@ def _idle(value: str) -> list[int]:
     return counts
 
 
+def _rates(value: str) -> list[float]:
+    try:
+        rates = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "a comma-separated list of msgs/s, e.g. 20000,40000,60000"
+        ) from None
+    if any(r <= 0 for r in rates):
+        raise argparse.ArgumentTypeError("rates are msgs/s above 0")
+    return rates
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from firmware_sim.bench import BenchConfig, run_bench, table
 
@@ -48,6 +60,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         profile=args.profile or "",
         latency_seconds=args.paced,
+        rates=args.rates,
     )
     t0 = time.monotonic()
 
@@ -108,6 +121,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="S",
         help="seconds of each paced TCP latency run, at 1000 msgs/s and at 80%% of the "
         "measured peak (default 3; 0 = skip)",
+    )
+    p.add_argument(
+        "--rates",
+        type=_rates,
+        default=[],
+        metavar="R[,R]",
+        help="more paced TCP runs at these msgs/s (a latency sweep: where it turns)",
     )
     p.add_argument(
         "--profile",

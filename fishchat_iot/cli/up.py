@@ -11,13 +11,15 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from fishchat_iot.cli.context import settings_from_args
 from fishchat_iot.cli.output import CliError
 from fishchat_iot.config import ConfigError, Settings
 
 MQTT_MODES = ("embedded", "external", "off")
+
+T = TypeVar("T")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -121,8 +123,9 @@ def stop_on_signals() -> Iterator[asyncio.Event]:
                 loop.remove_signal_handler(sig)
 
 
-def run_loop(main: Coroutine[Any, Any, int]) -> int:
-    """Run on uvloop where it is installed (the loop the hot path was measured on)."""
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where it is installed (the loop the hot path was measured on; the
+    bench's clients run on it too)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds

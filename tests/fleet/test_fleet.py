@@ -94,7 +94,7 @@ def test_bench_tiny(up_server: ServerProcess) -> None:
     proc = up_server.cli(
         "bench",
         *("--count", "300", "--pairs", "3", "--batch", "10", "--idle", "20"),
-        *("--timeout", "20", "--paced", "0.2", "--json", "--quiet"),
+        *("--timeout", "20", "--paced", "0.2", "--rates", "2000", "--json", "--quiet"),
     )
     doc = json.loads(proc.stdout)
     systems = {r["system"]: r for r in doc["results"]}
@@ -108,6 +108,8 @@ def test_bench_tiny(up_server: ServerProcess) -> None:
     assert systems["gateway-tcp"]["refused"] == 0
     paced = systems["gateway-tcp"]["paced"]
     assert paced[0]["rate"] == 1000 and all(p["count"] > 0 for p in paced)
+    assert 2000 in [p["rate"] for p in paced]  # --rates adds to the sweep
+    assert all(p["of_peak"] > 0 for p in paced)
     assert doc["machine"]["nproc"] >= 1 and doc["config"]["count"] == 300
     assert set(doc["ratios"]) == {
         "tcp_vs_mosquitto_c",
