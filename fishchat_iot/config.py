@@ -47,6 +47,7 @@ class DeliverySettings:
     max_pending_receipts: int = 2000  # per session; reading pauses above it
     receipt: str = "written"  # ACCEPTED once "written" to a live session, or once "acked" by it
     ack_wait: float = 2.0  # "acked": seconds a live delivery waits for its ack before it is stored
+    hold_wait: float = 0.5  # seconds a message waits in memory for a recipient a window behind
 
 
 @dataclass

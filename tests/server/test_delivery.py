@@ -3,6 +3,8 @@ the queue bound (DESIGN section 2)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections import Counter
 
 from support.raw_client import (
@@ -144,6 +146,61 @@ async def test_order_under_load_past_the_inflight_window(
     await b.close()
 
     b = await connect(up_server.msg_server, b_id, tokens[b_id])
+    await assert_next_delivery_is_new(a, b)
+
+
+async def _queued(server: ServerProcess, device_id: str) -> int:
+    """The device's offline queue depth, as ``device show --json`` tells an operator."""
+    done = await asyncio.to_thread(server.cli, "device", "show", device_id, "--json")
+    return int(json.loads(done.stdout)["queued"])
+
+
+async def test_a_receiver_a_window_behind_gets_the_next_messages_from_memory(
+    up_server_factory: ServerFactory, connect: Connect
+) -> None:
+    """A receiver whose in-flight window is full and that acks within
+    ``delivery.hold_wait`` is sent what came meanwhile straight from memory: nothing
+    goes through its offline queue, and the sender's receipts of those messages come
+    once they are written to it, in order."""
+    server = up_server_factory(config={"delivery": {"hold_wait": 60.0}})
+    tokens = server.register_many(["a", "b"])
+    a = await connect(server.msg_server, "a", tokens["a"])
+    b = await connect(server.msg_server, "b", tokens["b"])
+    ids = [f"m{n}" for n in range(1500)]
+    await send_batch(a, "b", ids)
+    await collect_receipts(a, ids[:1000])
+    assert [g[2] for g in await recv_deliveries(b, 1000)] == ids[:1000]
+    await a.expect_silence(0.5)  # the other 500 are held for b: not yet written
+    await b.expect_silence(0.1)
+    assert await _queued(server, "b") == 0
+
+    for start in range(0, 1000, 500):
+        await b.ack("b", *ids[start : start + 500])
+    assert [g[2] for g in await recv_deliveries(b, 500)] == ids[1000:]
+    await collect_receipts(a, ids[1000:])
+    assert await _queued(server, "b") == 0
+    await b.ack("b", *ids[1000:])
+    await assert_next_delivery_is_new(a, b)
+
+
+async def test_a_receiver_that_stops_acking_has_the_rest_queued_after_hold_wait(
+    up_server_factory: ServerFactory, connect: Connect
+) -> None:
+    """Held messages wait ``delivery.hold_wait`` at most: then they are queued and
+    their sender gets its receipts, while the receiver still has not acked."""
+    server = up_server_factory(config={"delivery": {"hold_wait": 1.0}})
+    tokens = server.register_many(["a", "b"])
+    a = await connect(server.msg_server, "a", tokens["a"])
+    b = await connect(server.msg_server, "b", tokens["b"])
+    ids = [f"m{n}" for n in range(1300)]
+    await send_batch(a, "b", ids)
+    await collect_receipts(a, ids, timeout=20)
+    assert [g[2] for g in await recv_deliveries(b, 1000)] == ids[:1000]
+    assert await _queued(server, "b") == 300
+    for start in range(0, 1000, 500):
+        await b.ack("b", *ids[start : start + 500])
+    assert [g[2] for g in await recv_deliveries(b, 300)] == ids[1000:]
+    await b.ack("b", *ids[1000:])
     await assert_next_delivery_is_new(a, b)
 
 

@@ -45,7 +45,8 @@ async def test_delivered_unacked_messages_survive_a_graceful_stop(
     tokens = server.register_many(["a", "b"])
     a = await connect(server.msg_server, "a", tokens["a"])
     b = await connect(server.msg_server, "b", tokens["b"])
-    # 1000 (the in-flight window) delivered live, never stored; 500 more queued.
+    # 1000 (the in-flight window) delivered live, never stored; 500 more held for b,
+    # then queued (delivery.hold_wait: b does not ack): then a gets their receipts.
     ids = [f"m{n}" for n in range(1500)]
     await a.send_frames(("SEND_MESSAGE_P2P", ["b", f"n-{m}", "a", m]) for m in ids)
     await collect_receipts(a, ids)
