@@ -85,12 +85,15 @@ class Manager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def device(self, device_id: str) -> DeviceRecord | None:
+    async def device(self, device_id: str, remember: bool = True) -> DeviceRecord | None:
+        """The device's record (None: not registered). ``remember=False``: a record
+        not cached is read without caching it (a login: an idle device's session
+        need not keep its record in memory; senders' look-ups cache it)."""
         if device_id in self._devices:
             return self._devices[device_id]
         gen = self._generation
         rec = await self.store.get_device(device_id)
-        if gen == self._generation:
+        if remember and gen == self._generation:
             _remember(self._devices, device_id, rec, DEVICE_CACHE_MAX)
         return rec
 

@@ -280,7 +280,7 @@ class MsgServer:
         self, s: Session, device_id: str, token: str | None, cert: bool
     ) -> tuple[str, str] | None:
         try:
-            rec = await self.manager.device(device_id)
+            rec = await self.manager.device(device_id, remember=False)
         except StoreUnavailable:
             return errors.UNAVAILABLE, "registry unavailable, retry later"
         if rec is None:
@@ -301,6 +301,8 @@ class MsgServer:
             self.session_closed(old)
         s.device_id = device_id
         s.v1 = token is None and not cert
+        if not rec.psk:
+            s.psk = None  # no pre-shared key to look up before its first delivery
         s.node = self
         s.mode = Mode.BACKLOG  # fed from its durable queue until that is empty
         s.last_seen = time.monotonic()

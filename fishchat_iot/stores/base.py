@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Self
 
 from fishchat_iot.core.envelope import Envelope
+
+NO_META: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(slots=True)
@@ -29,7 +32,9 @@ class DeviceRecord:
     # key (crypto/atrest.py ``seal_psk``); never the key itself. "" = no PSK.
     psk: str = ""
     rotated_ms: int = 0  # when token and keys were last replaced (``device rotate``)
-    meta: dict[str, str] = field(default_factory=dict)
+    # Read-only; records without any share one empty mapping (a registry cache of
+    # thousands of records need not hold an empty dict each).
+    meta: Mapping[str, str] = field(default_factory=lambda: NO_META)
 
 
 @dataclass(slots=True)

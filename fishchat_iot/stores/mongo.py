@@ -73,6 +73,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, 
 
 from fishchat_iot.core.envelope import Envelope
 from fishchat_iot.stores.base import (
+    NO_META,
     AlreadyExists,
     DeviceRecord,
     Enqueued,
@@ -703,7 +704,7 @@ def _device_from_doc(doc: Doc) -> DeviceRecord:
         created_ms=int(doc.get("created_ms", 0)),
         revoked_ms=int(doc.get("revoked_ms", 0)),
         public_key=doc.get("public_key", ""),
-        meta=dict(doc.get("meta") or {}),
+        meta=dict(doc["meta"]) if doc.get("meta") else NO_META,
         psk=doc.get("psk", ""),
         rotated_ms=int(doc.get("rotated_ms", 0)),
     )

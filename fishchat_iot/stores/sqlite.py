@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from fishchat_iot.core.envelope import Envelope
 from fishchat_iot.stores.base import (
+    NO_META,
     AlreadyExists,
     DeviceRecord,
     Enqueued,
@@ -199,7 +200,7 @@ def _device_from_row(row: sqlite3.Row | tuple[Any, ...]) -> DeviceRecord:
         created_ms=row[4],
         revoked_ms=row[5],
         public_key=row[6],
-        meta=json.loads(row[7]) if row[7] else {},
+        meta=json.loads(row[7]) if row[7] and row[7] != "{}" else NO_META,
         psk=row[8],
         rotated_ms=row[9],
     )
@@ -311,7 +312,7 @@ class SqliteStore(Store):
                     device.created_ms,
                     device.revoked_ms,
                     device.public_key,
-                    json.dumps(device.meta, sort_keys=True),
+                    json.dumps(dict(device.meta), sort_keys=True),
                     device.psk,
                     device.rotated_ms,
                 ),
