@@ -58,195 +58,81 @@ is written, and a login refusal can only be seen as the server closing the conne
 (within ``v1_login_wait`` seconds).
 
 Error codes in :class:`DeviceError` are the server's (``fishchat_iot.errors``) or one of
-the local ones below (``CLOSED``, ``CONNECT_FAILED``, ``TIMEOUT``, ``PROTOCOL``,
-``NOT_SUPPORTED``, ``LOGIN_REFUSED``).
+the SDK's own (``CLOSED``, ``CONNECT_FAILED``, ``TIMEOUT``, ``PROTOCOL``, ``NOT_SUPPORTED``,
+``LOGIN_REFUSED``). What this module shares with the MQTT SDK (ids, receipts, resends,
+dedupe, acks, the inbox, sealing) is :class:`~firmware_sim.device_base.DeviceBase`; this
+module is the TCP transport.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
-import random
 import ssl
-import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 from device_adapters.tcp.framing import FrameDecoder, FrameError, encode_frame
-from firmware_sim.bundle import Bundle, load_bundle, parse_bundle
+from firmware_sim.device_base import (
+    CLOSED,
+    CONNECT_FAILED,
+    FATAL_CODES,
+    LOGIN_REFUSED,
+    MAX_ID_LEN,
+    NO_KEY,
+    NOT_SUPPORTED,
+    PROTOCOL,
+    TIMEOUT,
+    Bundle,
+    DeviceBase,
+    DeviceError,
+    DeviceOptions,
+    Message,
+    _as_list,
+    _describe,
+    _Fatal,
+    _now_ms,
+    _Outgoing,
+    parse_address,
+)
 from fishchat_iot import errors
-from fishchat_iot.crypto.device import DeviceCrypto, PskCrypto
-from fishchat_iot.crypto.seal import ENC_PSK, CryptoError, b64d
-from fishchat_iot.ids import IdGenerator
 
 log = logging.getLogger("firmware_sim.tcp")
 
-# Local error codes: never sent by a server, raised by the SDK itself.
-CLOSED = "CLOSED"  # the device was closed, or lost its connection with reconnect=False
-CONNECT_FAILED = "CONNECT_FAILED"  # no gateway / msg_server could be reached
-TIMEOUT = "TIMEOUT"  # no answer in time (connect_timeout, request_timeout)
-PROTOCOL = "PROTOCOL"  # the server sent something this SDK cannot make sense of
-NOT_SUPPORTED = "NOT_SUPPORTED"  # e.g. leave_topic in a v1 session
-LOGIN_REFUSED = "LOGIN_REFUSED"  # v1: the server closed the connection after SEND_CLIENT_ID
-NO_KEY = "NO_KEY"  # end-to-end: no key to seal with (peer without public key, topic key)
+# The SDK's error codes, types and helpers live in firmware_sim.device_base (shared with
+# the MQTT SDK); they are importable from here as before.
+__all__ = [
+    "CLOSED",
+    "CONNECT_FAILED",
+    "FATAL_CODES",
+    "LOGIN_REFUSED",
+    "MAX_ID_LEN",
+    "NOT_SUPPORTED",
+    "NO_KEY",
+    "PROTOCOL",
+    "TIMEOUT",
+    "DeviceError",
+    "Message",
+    "TcpDevice",
+    "V1Device",
+    "parse_address",
+]
 
-# Errors after which reconnecting is pointless: the device stops.
-FATAL_CODES = frozenset(
-    {errors.AUTH_FAILED, errors.REVOKED, errors.SESSION_REPLACED, errors.V1_NOT_ALLOWED}
-)
 # A session-level error (no reference) that most likely answers the request in flight.
 _REQUEST_ERRORS = frozenset({errors.BAD_ARGS, errors.UNKNOWN_COMMAND, errors.BAD_FRAME})
-
-MAX_ID_LEN = 64
 ACK_BATCH = 256  # ids per P2P_ACK frame in token sessions (the server takes up to 999)
 _PING_FRAME = encode_frame("SEND_PING", ["PING"])
 _LOGOUT_FRAME = encode_frame("LOGOUT", [])
 _READ_SIZE = 65536
-
-
-class DeviceError(Exception):
-    """An error from the server (``ERROR [code, text, ref]``) or from the SDK.
-
-    ``ref`` is the message id or topic name the error is about, when there is one."""
-
-    def __init__(self, code: str, text: str, ref: str = "") -> None:
-        super().__init__(f"{code}: {text}" if text else code)
-        self.code = code
-        self.text = text
-        self.ref = ref
-
-    def copy(self) -> DeviceError:
-        return DeviceError(self.code, self.text, self.ref)
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A message delivered to this device.
-
-    ``id`` is the sender's message id (server-assigned for v1 senders; ``""`` for topic
-    messages in a v1 session, which carry none). ``ts`` is the server's timestamp in ms
-    (for v1 sessions, which are not told one: the local receive time)."""
-
-    kind: str  # "p2p" or "topic"
-    id: str
-    sender: str
-    text: str
-    topic: str = ""
-    ts: int = 0
-    enc: str = "none"  # how it was sealed on the wire; ``text`` is always the plaintext
-
-
-def parse_address(addr: str) -> tuple[str, int]:
-    """``"host:port"`` (or ``"[v6]:port"``) to ``(host, port)``; ValueError if malformed."""
-    host, sep, port = addr.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"address {addr!r} is not host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def _as_list(value: str | Sequence[str] | None) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    return list(value)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, DeviceError):
-        return str(exc)
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
-
-
-class _Inbox:
-    """A bounded FIFO of messages that can be closed with an error (receivers drain
-    what is left, then get the error)."""
-
-    __slots__ = ("_error", "_items", "_max", "_readable", "_writable")
-
-    def __init__(self, maxsize: int) -> None:
-        self._items: collections.deque[Message] = collections.deque()
-        self._max = max(1, maxsize)
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._error: DeviceError | None = None
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def full(self) -> bool:
-        return len(self._items) >= self._max
-
-    async def put(self, item: Message) -> bool:
-        """Wait for room; False if the inbox was closed (the item was not added)."""
-        while len(self._items) >= self._max and self._error is None:
-            self._writable.clear()
-            await self._writable.wait()
-        if self._error is not None:
-            return False
-        self._items.append(item)
-        self._readable.set()
-        return True
-
-    async def get(self) -> Message:
-        while not self._items:
-            if self._error is not None:
-                raise self._error.copy()
-            self._readable.clear()
-            await self._readable.wait()
-        item = self._items.popleft()
-        self._writable.set()
-        return item
-
-    def close(self, error: DeviceError) -> None:
-        if self._error is None:
-            self._error = error
-        self._readable.set()
-        self._writable.set()
-
-
-class _Outgoing:
-    """A message written (or to be written) and waiting for its receipt."""
-
-    __slots__ = ("frame", "future", "id", "retries", "timer", "written")
-
-    def __init__(self, msg_id: str, frame: bytes, future: asyncio.Future[str]) -> None:
-        self.id = msg_id
-        self.frame = frame
-        self.future = future
-        self.retries = 0
-        self.written = False  # on some connection at least once
-        self.timer: asyncio.TimerHandle | None = None
-
-
-class _Request:
-    """A control request (CREATE_TOPIC, JOIN_TOPIC, LEAVE_TOPIC) waiting for its reply."""
-
-    __slots__ = ("cmd", "frame", "future", "name")
-
-    def __init__(self, cmd: str, name: str, frame: bytes, future: asyncio.Future[str]) -> None:
-        self.cmd = cmd
-        self.name = name
-        self.frame = frame
-        self.future = future
+# Control requests: the SDK's name -> the command.
+_CONTROL = {
+    "public_key": "GET_PUBLIC_KEY",
+    "create_topic": "CREATE_TOPIC",
+    "join_topic": "JOIN_TOPIC",
+    "leave_topic": "LEAVE_TOPIC",
+}
 
 
 class _Conn:
@@ -267,12 +153,6 @@ class _Conn:
         self.leftover = leftover
 
 
-class _Fatal(Exception):
-    def __init__(self, error: DeviceError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 async def _close_writer(writer: asyncio.StreamWriter, abort: bool = False) -> None:
     if abort:
         writer.transport.abort()
@@ -282,256 +162,12 @@ async def _close_writer(writer: asyncio.StreamWriter, abort: bool = False) -> No
         await asyncio.wait_for(writer.wait_closed(), 1.0)
 
 
-class _E2E:
-    """End-to-end encryption for the device SDKs (``TcpDevice``, ``MqttDevice``): the
-    opening of sealed deliveries, the deliveries held while a key is fetched, the topic
-    keys an owner hands out. docs/crypto.md is the construction."""
-
-    device_id: str
-    crypto: DeviceCrypto | None
-    psk: PskCrypto | None
-    key_wait: float
-    opened: int
-    open_failed: int
-    topic_keys_received: int
-    _closing: bool
-    _seen: collections.OrderedDict[tuple[str, str], bool]
-    _acks: list[str]
-    _held: dict[tuple[str, str], list[tuple[Message, str]]]
-    _held_timers: dict[tuple[str, str], asyncio.TimerHandle]
-    _topic_owners: dict[str, str]
-
-    def _init_e2e(
-        self, private_key: str | bytes | None, key_wait: float, psk: str | bytes | None = None
-    ) -> None:
-        self.crypto = None
-        if private_key:
-            raw = b64d(private_key) if isinstance(private_key, str) else private_key
-            self.crypto = DeviceCrypto(self.device_id, raw)
-        # Gateway-terminated mode (docs/crypto.md section 7): the pre-shared key.
-        self.psk = None
-        if psk:
-            self.psk = PskCrypto(self.device_id, b64d(psk) if isinstance(psk, str) else psk)
-        self.key_wait = key_wait
-        # Sealed deliveries waiting for a key (a peer's public key, a topic epoch key),
-        # unacked: ("peer", id) / ("topic", "name:epoch") -> [(message, enc)].
-        self._held = {}
-        self._held_timers = {}
-        self.opened = 0  # sealed messages opened
-        self.open_failed = 0  # sealed messages that did not open (tampered, no key): dropped
-        self.topic_keys_received = 0
-        self.topic_keys_refused = 0  # topic keys from a device that does not own the topic
-        # topic -> its owner's device id: topic keys are taken from the owner only.
-        self._topic_owners = {}
-
-    def _clear_held(self) -> None:
-        """A new session: held deliveries were not acked, the server sends them again."""
-        for timer in self._held_timers.values():
-            timer.cancel()
-        self._held_timers.clear()
-        self._held.clear()
-
-    # -- what the SDK provides ---------------------------------------------------
-    async def send(self, to: str, text: str, *, id: str | None = None, e2e: bool = True) -> str:
-        raise NotImplementedError
-
-    async def _deliver(self, msg: Message) -> None:
-        raise NotImplementedError
-
-    def _flush_acks(self) -> None:
-        raise NotImplementedError
-
-    def _ask_public_key(self, device_id: str) -> None:
-        """Ask the server for a public key without waiting (the answer comes in order
-        with the deliveries and ends in ``_got_public_key``)."""
-        raise NotImplementedError
-
-    def _ask_topic_owner(self, topic: str) -> bool:
-        """Ask the server who owns ``topic`` without waiting (the answer ends in
-        ``_got_topic_owner``); False when this transport cannot ask."""
-        return False
-
-    # -- topic owners ----------------------------------------------------------------
-    def set_topic_owner(self, topic: str, owner: str) -> None:
-        """Pin the owner of ``topic`` (from provisioning, say): topic keys are then taken
-        from ``owner`` only, without asking the server. A device that creates a topic
-        is its owner; otherwise the SDK asks the server (``GET_TOPIC_OWNER``) the first
-        time a key for the topic arrives."""
-        self._topic_owners[topic] = owner
-
-    # -- topic keys --------------------------------------------------------------
-    async def share_topic_key(self, topic: str, members: Sequence[str]) -> int:
-        """Topic owner: start a new key epoch for ``topic`` (a fresh random group key)
-        and hand it to every member, sealed under each pairwise key. Call it when the
-        topic is created and whenever a member leaves or is removed (with the members
-        that remain): the removed member cannot open anything sealed afterwards.
-        Returns the new epoch."""
-        if self.crypto is None:
-            raise DeviceError(NOT_SUPPORTED, "end-to-end encryption is off (no private key)")
-        epoch, _ = self.crypto.new_topic_epoch(topic)
-        for member in members:
-            if member != self.device_id:
-                await self.send_topic_key(topic, member)
-        return epoch
-
-    async def send_topic_key(self, topic: str, member: str) -> str:
-        """Hand the current key of ``topic`` to one member (a late joiner)."""
-        if self.crypto is None:
-            raise DeviceError(NOT_SUPPORTED, "end-to-end encryption is off (no private key)")
-        try:
-            control = self.crypto.topic_key_control(topic)
-        except CryptoError as exc:
-            raise DeviceError(NO_KEY, str(exc), topic) from None
-        return await self.send(member, control)
-
-    # -- internals: end-to-end -------------------------------------------------
-    async def _deliver_sealed(self, msg: Message, enc: str) -> None:
-        """Open a sealed delivery and hand its plaintext on. One that does not open
-        (flipped bit, moved to another recipient, wrong key) is acked and dropped,
-        counted in ``open_failed``; a replayed id is absorbed by the dedupe as always."""
-        if self._closing:
-            return
-        if enc == ENC_PSK:
-            await self._deliver_psk(msg, enc)
-            return
-        key = (msg.sender, msg.id)
-        crypto = self.crypto
-        if key in self._seen or crypto is None:
-            if crypto is None:
-                self._reject(msg, "end-to-end encryption is off (no private key)")
-            else:
-                await self._deliver(msg)  # a duplicate: acked again, not delivered
-            return
-        hold: tuple[str, str] | None = None
-        if msg.kind == "topic":
-            epoch = enc.rpartition(":")[2]
-            if (
-                epoch.isdigit()
-                and int(epoch) not in crypto.group_keys.get(msg.topic, {})
-                and int(epoch) > crypto.current_epoch.get(msg.topic, 0)
-            ):
-                hold = ("topic", f"{msg.topic}:{epoch}")  # its key may be on its way
-        elif msg.sender not in crypto.peers:
-            hold = ("peer", msg.sender)  # ask the server for the sender's public key
-        if hold is not None:
-            self._hold(hold, msg, enc)
-            return
-        try:
-            opened = crypto.open(
-                sender=msg.sender,
-                msg_id=msg.id,
-                body=msg.text,
-                enc=enc,
-                topic=msg.topic,
-                apply_control=False,
-            )
-        except CryptoError as exc:
-            self._reject(msg, str(exc))
-            return
-        self.opened += 1
-        if opened.control is not None:
-            # A topic key: consumed by the SDK, never on the inbox, and taken only from
-            # the topic's owner (anyone can seal a p2p message to a member).
-            ctl = opened.control
-            topic = str(ctl["topic"])
-            owner = self._topic_owners.get(topic)
-            if owner is None:
-                if ("owner", topic) in self._held or self._ask_topic_owner(topic):
-                    self.opened -= 1  # opened again once the owner is known
-                    self._hold(("owner", topic), msg, enc)
-                    return
-                owner = ""  # cannot be asked and not pinned: nobody's key is taken
-            self._seen[key] = True
-            self._acks.append(msg.id)
-            if msg.sender != owner:
-                self.topic_keys_refused += 1
-                log.warning(
-                    "%s: ignored a key for topic %r from %s, which does not own it (owner: %s)",
-                    self.device_id,
-                    topic,
-                    msg.sender,
-                    owner or "unknown",
-                )
-                return
-            crypto.apply_control(ctl)
-            self.topic_keys_received += 1
-            await self._release(("topic", f"{topic}:{ctl['epoch']}"))
-            return
-        await self._deliver(replace(msg, text=opened.text, enc=enc))
-
-    async def _deliver_psk(self, msg: Message, enc: str) -> None:
-        """A delivery the gateway sealed under this device's pre-shared key."""
-        if (msg.sender, msg.id) in self._seen:
-            await self._deliver(msg)  # a duplicate: acked again, not delivered
-            return
-        if self.psk is None:
-            self._reject(msg, "sealed under a pre-shared key this device does not have")
-            return
-        try:
-            text = self.psk.open(sender=msg.sender, msg_id=msg.id, body=msg.text, topic=msg.topic)
-        except CryptoError as exc:
-            self._reject(msg, str(exc))
-            return
-        self.opened += 1
-        await self._deliver(replace(msg, text=text, enc=enc))
-
-    def _reject(self, msg: Message, why: str) -> None:
-        self.open_failed += 1
-        log.warning(
-            "%s: dropped sealed message %r from %s: %s", self.device_id, msg.id, msg.sender, why
-        )
-        self._acks.append(msg.id)
-
-    def _hold(self, hkey: tuple[str, str], msg: Message, enc: str) -> None:
-        held = self._held.get(hkey)
-        if held is None:
-            held = self._held[hkey] = []
-            loop = asyncio.get_running_loop()
-            self._held_timers[hkey] = loop.call_later(
-                self.key_wait, self._drop_held, hkey, "no key in time"
-            )
-            if hkey[0] == "peer":
-                self._ask_public_key(hkey[1])
-        held.append((msg, enc))
-
-    def _drop_held(self, hkey: tuple[str, str], why: str) -> None:
-        timer = self._held_timers.pop(hkey, None)
-        if timer is not None:
-            timer.cancel()
-        for msg, _ in self._held.pop(hkey, []):
-            self._reject(msg, why)
-        self._flush_acks()
-
-    async def _release(self, hkey: tuple[str, str]) -> None:
-        timer = self._held_timers.pop(hkey, None)
-        if timer is not None:
-            timer.cancel()
-        for msg, enc in self._held.pop(hkey, []):
-            await self._deliver_sealed(msg, enc)
-
-    async def _got_topic_owner(self, topic: str, owner: str) -> None:
-        """The server named the owner of a topic: decide on the keys that waited."""
-        self._topic_owners.setdefault(topic, owner)
-        await self._release(("owner", topic))
-
-    async def _got_public_key(self, device_id: str, b64: str) -> None:
-        """A peer's public key arrived: cache it, then open what waited for it."""
-        if self.crypto is not None and b64:
-            try:
-                self.crypto.add_peer(device_id, b64d(b64))
-            except CryptoError:
-                log.warning("%s: bad public key of %s", self.device_id, device_id)
-        if self.crypto is not None and device_id not in self.crypto.peers:
-            self._drop_held(("peer", device_id), "sender has no public key")
-        else:
-            await self._release(("peer", device_id))
-
-
-class TcpDevice(_E2E):
+class TcpDevice(DeviceBase[_Conn]):
     """One simulated device on the FishChat TCP protocol. See the module docstring.
 
     Give ``gateway`` (one ``"host:port"`` or several, asked in turn) and/or
     ``msg_server`` (used directly when no gateway answers, or when there is none).
+    The other keyword arguments are :class:`~firmware_sim.device_base.DeviceOptions`.
     Every queue it keeps is bounded and every task it starts is cancelled by
     :meth:`close`. Not thread-safe: use it from one event loop.
     """
@@ -539,6 +175,7 @@ class TcpDevice(_E2E):
     # False in a subclass that brings its own link to the server (SerialDevice): it
     # then needs no gateway or msg_server address and overrides _open_session.
     _needs_address = True
+    _log = log
 
     def __init__(
         self,
@@ -547,33 +184,17 @@ class TcpDevice(_E2E):
         gateway: str | Sequence[str] | None = None,
         msg_server: str | Sequence[str] | None = None,
         *,
-        keepalive: float = 30.0,
-        reconnect: bool = True,
-        inbox_max: int = 10000,
-        auto_ack: bool = True,
         v1: bool = False,
-        max_inflight: int = 1000,
-        dedupe_max: int = 65536,
-        connect_timeout: float = 10.0,
-        request_timeout: float = 10.0,
-        backoff_min: float = 0.1,
-        backoff_max: float = 5.0,
         max_frame: int = 65536,
-        retry_unavailable: bool = True,
         v1_login_wait: float = 0.3,
-        logout_timeout: float = 2.0,
-        id_prefix: str | None = None,
-        private_key: str | bytes | None = None,
-        key_wait: float = 10.0,
-        psk: str | bytes | None = None,
         tls: ssl.SSLContext | None = None,
+        **options: Unpack[DeviceOptions],
     ) -> None:
         if not device_id:
             raise ValueError("device_id must not be empty")
         if not v1 and not token:
             raise ValueError("a token is needed (use V1Device for a token-less v1 session)")
-        self.device_id = device_id
-        self.token = token or ""
+        super().__init__(device_id, token or "", **options)
         self.v1 = v1
         self._gateways = _as_list(gateway)
         self._msg_servers = _as_list(msg_server)
@@ -585,49 +206,10 @@ class TcpDevice(_E2E):
             raise ValueError("give a gateway or a msg_server address ('host:port')")
         for addr in (*self._gateways, *self._msg_servers):
             parse_address(addr)
-        self.keepalive = keepalive
-        self.reconnect = reconnect
-        self.auto_ack = auto_ack
         self.max_frame = max_frame
-        self.connect_timeout = connect_timeout
-        self.request_timeout = request_timeout
-        self.backoff_min = backoff_min
-        self.backoff_max = max(backoff_max, backoff_min)
-        self.retry_unavailable = retry_unavailable
         self.v1_login_wait = v1_login_wait
-        self.logout_timeout = logout_timeout
-        self._max_inflight = max_inflight
-        self._dedupe_max = dedupe_max
-        self._ids = IdGenerator(id_prefix)
-        self._inbox = _Inbox(inbox_max)
-        # (sender, id) -> acked? ; most recent last
-        self._seen: collections.OrderedDict[tuple[str, str], bool] = collections.OrderedDict()
-        self._acks: list[str] = []  # ids to ack at the end of the current read
-        self._outgoing: dict[str, _Outgoing] = {}  # insertion order = send order
-        self._slots: asyncio.Semaphore | None = None
-        self._request: _Request | None = None
-        self._request_lock: asyncio.Lock | None = None
         self._conn: _Conn | None = None
-        self._connected = asyncio.Event()
-        self._done = asyncio.Event()  # closed, or stopped by a final error
-        self._supervisor: asyncio.Task[None] | None = None
-        self._closing = False
-        self._final: DeviceError | None = None
         self._last_rx = 0.0
-        self._attempt = 0
-        self.address = ""  # the msg_server of the current (or last) session
-        # Counters, for tests, the simulator and the benchmark.
-        self.sent = 0  # messages handed to send()/publish() and written at least once
-        self.accepted = 0
-        self.rejected = 0  # ERROR for a message id
-        self.received = 0  # messages put on the inbox
-        self.duplicates = 0  # deliveries of a (sender, id) already seen, absorbed
-        self.resent = 0  # messages written again after a reconnect or UNAVAILABLE
-        self.reconnects = 0
-        self.server_errors: collections.deque[tuple[str, str, str]] = collections.deque(maxlen=100)
-        # End-to-end encryption (docs/crypto.md): on when the device has its private key;
-        # gateway-terminated mode when it has a pre-shared key.
-        self._init_e2e(private_key, key_wait, psk)
 
     # -- construction helpers ------------------------------------------------
     @classmethod
@@ -647,12 +229,7 @@ class TcpDevice(_E2E):
         to the msg_server the gateway names for TLS or the bundle's ``msg_server_tls``.
         ``e2e=True`` seals and opens every message with the bundle's ``private_key``. A
         bundle with a ``psk`` (gateway-terminated device) always uses it."""
-        if isinstance(bundle, str | Path):
-            bundle = load_bundle(bundle)
-        elif not isinstance(bundle, Bundle):
-            bundle = parse_bundle(bundle)
-        if bundle.raw.get("psk") and "psk" not in kwargs:
-            kwargs["psk"] = bundle.raw["psk"]
+        bundle = cls._read_bundle(bundle, e2e, kwargs)
         if tls:
             ca = bundle.raw.get("ca")
             if not isinstance(ca, str) or not ca:
@@ -661,11 +238,6 @@ class TcpDevice(_E2E):
             if msg_server is None:
                 raw = bundle.raw.get("msg_server_tls")
                 msg_server = [raw] if isinstance(raw, str) else list(raw or [])
-        if e2e and not bundle.raw.get("psk"):
-            key = bundle.raw.get("private_key")
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"bundle of {bundle.id!r} has no private_key: register again")
-            kwargs["private_key"] = key
         return cls(
             bundle.id,
             bundle.token,
@@ -676,20 +248,6 @@ class TcpDevice(_E2E):
 
     # -- state ---------------------------------------------------------------
     @property
-    def connected(self) -> bool:
-        """True while logged in (and, for token sessions, resends are written)."""
-        return self._connected.is_set()
-
-    @property
-    def closed(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def final_error(self) -> DeviceError | None:
-        """The error that stopped the device (SESSION_REPLACED, REVOKED ...), if any."""
-        return self._final
-
-    @property
     def gateways(self) -> tuple[str, ...]:
         return tuple(self._gateways)
 
@@ -697,60 +255,7 @@ class TcpDevice(_E2E):
     def msg_servers(self) -> tuple[str, ...]:
         return tuple(self._msg_servers)
 
-    @property
-    def inflight(self) -> int:
-        """Messages waiting for their receipt."""
-        return len(self._outgoing)
-
-    @property
-    def inbox_size(self) -> int:
-        return len(self._inbox)
-
-    def next_id(self) -> str:
-        """A fresh message id (random prefix + counter)."""
-        return self._ids.next()
-
     # -- lifecycle -----------------------------------------------------------
-    async def __aenter__(self) -> TcpDevice:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def connect(self) -> None:
-        """Locate a msg_server, log in and start the session. Raises DeviceError
-        (the server's code, or CONNECT_FAILED / TIMEOUT / LOGIN_REFUSED). After this
-        returns, lost connections are re-established in the background."""
-        if self._done.is_set() or self._closing:
-            raise DeviceError(CLOSED, "the device is closed")
-        if self._supervisor is not None:
-            return
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self._max_inflight)
-            self._request_lock = asyncio.Lock()
-        conn = await self._open_session()
-        if self._closing or self._supervisor is not None:  # close() or connect() meanwhile
-            await _close_writer(conn.writer, abort=True)
-            if self._closing:
-                raise DeviceError(CLOSED, "the device was closed while connecting")
-            return
-        self._install(conn)
-        self._supervisor = asyncio.create_task(
-            self._supervise(conn), name=f"fishchat-device-{self.device_id}"
-        )
-
-    async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        """Wait until a session is up; raises the final error if the device stopped,
-        TimeoutError after ``timeout`` seconds."""
-        async with asyncio.timeout(timeout):
-            await self._wait_ready()
-
     def drop(self) -> None:
         """Abort the current connection as a network failure would (for tests and
         offline-period scenarios); the device reconnects if ``reconnect`` is on."""
@@ -758,175 +263,65 @@ class TcpDevice(_E2E):
         if conn is not None:
             conn.writer.transport.abort()
 
-    async def close(self) -> None:
-        """Log out (token sessions), stop every task, fail every waiter with CLOSED.
-        Messages still on the inbox can be received afterwards. Idempotent."""
-        if self._closing:
-            if self._supervisor is not None:
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(self._supervisor)
-            return
-        self._closing = True
-        sup = self._supervisor
-        conn = self._conn
-        if sup is not None and conn is not None and not self.v1 and self._connected.is_set():
-            # LOGOUT → OK ["LOGOUT", id], then the server closes: the session ends.
-            if self._write(_LOGOUT_FRAME):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait({sup}, timeout=self.logout_timeout)
-        if sup is not None and not sup.done():
-            sup.cancel()
-        if sup is not None:
-            with contextlib.suppress(BaseException):
-                await sup
-        conn = self._conn
-        if conn is not None:
-            self._conn = None
-            await _close_writer(conn.writer, abort=True)
-        self._connected.clear()
-        self._stop(DeviceError(CLOSED, "the device is closed"), final=False)
-
-    # -- sending -------------------------------------------------------------
+    # -- sending: what v1 sessions do otherwise ----------------------------------
     async def send(self, to: str, text: str, *, id: str | None = None, e2e: bool = True) -> str:
-        """Send a p2p message; return its id once the server accepted it.
-
-        Sealed end to end when the device has its private key, under its pre-shared key
-        for the gateway when it has one; ``e2e=False`` sends this one in plaintext over
-        the connection (to a gateway-terminated device, which has no public key).
-
-        Raises DeviceError with the server's code (UNKNOWN_DEVICE, QUEUE_FULL,
-        DUPLICATE_ID, BAD_ARGS ...) or CLOSED. While disconnected it waits for the
-        next session and the message is written then. v1 sessions: returns ``""`` as
-        soon as the frame is written (v1 has no receipts)."""
+        """:meth:`DeviceBase.send`; v1 sessions return ``""`` as soon as the frame is
+        written (v1 has no receipts)."""
         if self.v1:
             await self._write_when_ready(
                 self._frame("SEND_MESSAGE_P2P", [to, text, self.device_id], "")
             )
             self.sent += 1
             return ""
-        msg_id = self._check_id(id)
-        if self.psk is not None:
-            sealed, enc = self.psk.seal("p2p", to, msg_id, text)
-            frame = self._frame("SEND_MESSAGE_P2P_E2E", [to, sealed, enc, msg_id], msg_id)
-        elif self.crypto is not None and e2e:
-            if to not in self.crypto.peers:
-                await self.public_key(to)
-            sealed, enc = self.crypto.seal_p2p(to, msg_id, text)
-            frame = self._frame("SEND_MESSAGE_P2P_E2E", [to, sealed, enc, msg_id], msg_id)
-        else:
-            frame = self._frame("SEND_MESSAGE_P2P", [to, text, self.device_id, msg_id], msg_id)
-        return await self._submit(msg_id, frame)
+        return await super().send(to, text, id=id, e2e=e2e)
 
     async def publish(
         self, topic: str, text: str, *, id: str | None = None, e2e: bool = True
     ) -> str:
-        """Send a message to a topic the device is a member of; return its id once
-        every other member's copy is accepted. v1: returns ``""`` once written.
-        ``e2e=False``: plaintext over the connection (a topic with gateway-terminated
-        members, which hold no group key)."""
+        """:meth:`DeviceBase.publish`; v1 sessions return ``""`` once written."""
         if self.v1:
             await self._write_when_ready(self._frame("SEND_MESSAGE_TOPIC", [topic, text], ""))
             self.sent += 1
             return ""
-        msg_id = self._check_id(id)
-        if self.psk is not None:
-            sealed, enc = self.psk.seal("topic", topic, msg_id, text)
-            frame = self._frame("SEND_MESSAGE_TOPIC_E2E", [topic, sealed, enc, msg_id], msg_id)
-        elif self.crypto is not None and e2e:
-            try:
-                sealed, enc = self.crypto.seal_topic(topic, msg_id, text)
-            except CryptoError as exc:
-                raise DeviceError(NO_KEY, str(exc), msg_id) from None
-            frame = self._frame("SEND_MESSAGE_TOPIC_E2E", [topic, sealed, enc, msg_id], msg_id)
-        else:
-            frame = self._frame("SEND_MESSAGE_TOPIC", [topic, text, msg_id], msg_id)
-        return await self._submit(msg_id, frame)
-
-    # -- end-to-end keys -------------------------------------------------------
-    async def public_key(self, device_id: str) -> bytes:
-        """The registered X25519 public key of a device (``GET_PUBLIC_KEY``), cached.
-        Raises DeviceError(UNKNOWN_DEVICE) or NO_KEY when it has none."""
-        if self.crypto is not None and device_id in self.crypto.peers:
-            return self.crypto.peers[device_id]
-        frame = self._frame("GET_PUBLIC_KEY", [device_id], device_id)
-        b64 = await self._request_reply("GET_PUBLIC_KEY", device_id, frame)
-        if not b64:
-            raise DeviceError(NO_KEY, f"device {device_id!r} has no public key", device_id)
-        key = b64d(b64)
-        if self.crypto is not None:
-            self.crypto.add_peer(device_id, key)
-        return key
+        return await super().publish(topic, text, id=id, e2e=e2e)
 
     async def create_topic(self, name: str) -> None:
-        """Create an open topic owned by this device (it becomes a member).
-        Raises DeviceError(TOPIC_EXISTS / BAD_ARGS). v1: returns once written."""
-        frame = self._frame("CREATE_TOPIC", [name], name)
+        """:meth:`DeviceBase.create_topic`; v1 sessions return once written."""
         if self.v1:
-            await self._write_when_ready(frame)
+            await self._write_when_ready(self._control_frame("create_topic", name)[1])
             return
-        await self._request_reply("CREATE_TOPIC", name, frame)
-        self._topic_owners[name] = self.device_id
-
-    async def join_topic(self, name: str) -> str:
-        """Join a topic; returns the msg_server address from LOCATE_TOPIC_MSG_ADDR.
-        Raises DeviceError(UNKNOWN_TOPIC / FORBIDDEN), or TIMEOUT (a v1 session is
-        told nothing when it is refused)."""
-        frame = self._frame("JOIN_TOPIC", [name, self.device_id], name)
-        return await self._request_reply("JOIN_TOPIC", name, frame)
+        await super().create_topic(name)
 
     async def leave_topic(self, name: str) -> None:
-        """Leave a topic. Raises DeviceError(NOT_A_MEMBER / UNKNOWN_TOPIC)."""
+        """:meth:`DeviceBase.leave_topic`; v1 sessions have none (NOT_SUPPORTED)."""
         if self.v1:
             raise DeviceError(NOT_SUPPORTED, "v1 sessions have no LEAVE_TOPIC", name)
-        frame = self._frame("LEAVE_TOPIC", [name], name)
-        await self._request_reply("LEAVE_TOPIC", name, frame)
+        await super().leave_topic(name)
 
-    # -- receiving -----------------------------------------------------------
-    async def receive(self, timeout: float | None = None) -> Message:  # noqa: ASYNC109
-        """The next message. TimeoutError after ``timeout`` seconds; DeviceError
-        (CLOSED or the final error) once the device stopped and the inbox is empty."""
-        if timeout is None:
-            return await self._inbox.get()
-        async with asyncio.timeout(timeout):
-            return await self._inbox.get()
+    # -- internals: writing ----------------------------------------------------
+    def _message(
+        self, kind: str, to: str, msg_id: str, text: str, sealed: tuple[str, str] | None
+    ) -> tuple[bytes, str]:
+        cmd = "SEND_MESSAGE_P2P" if kind == "p2p" else "SEND_MESSAGE_TOPIC"
+        if sealed is not None:
+            return self._frame(f"{cmd}_E2E", [to, *sealed, msg_id], msg_id), ""
+        if kind == "p2p":
+            return self._frame(cmd, [to, text, self.device_id, msg_id], msg_id), ""
+        return self._frame(cmd, [to, text, msg_id], msg_id), ""
 
-    async def messages(self) -> AsyncIterator[Message]:
-        """Every message, until the device is closed (then the iteration ends) or
-        stopped by a final error (raised)."""
-        while True:
-            try:
-                msg = await self._inbox.get()
-            except DeviceError as exc:
-                if exc.code == CLOSED:
-                    return
-                raise
-            yield msg
+    def _control_frame(self, op: str, name: str) -> tuple[str, bytes]:
+        cmd = _CONTROL[op]
+        args = [name, self.device_id] if cmd == "JOIN_TOPIC" else [name]
+        return cmd, self._frame(cmd, args, name)
 
-    def ack(self, msg: Message) -> None:
-        """Ack a message (only needed with ``auto_ack=False``). If the connection is
-        down the server delivers the message again; it is then acked automatically."""
-        if not msg.id:
-            return
-        key = (msg.sender, msg.id)
-        if key in self._seen:
-            self._seen[key] = True
-        self._write(encode_frame("P2P_ACK", [self.device_id, msg.id]))
+    def _write_out(self, out: _Outgoing) -> bool:
+        return self._write(out.frame)
 
-    # -- internals: sending --------------------------------------------------
-    def _check_open(self) -> None:
-        if self._final is not None:
-            raise self._final.copy()
-        if self._closing or self._done.is_set():
-            raise DeviceError(CLOSED, "the device is closed")
-        if self._supervisor is None:
-            raise DeviceError(CLOSED, "the device is not connected: call connect() first")
+    def _write_control(self, frame: bytes) -> bool:
+        return self._write(frame)
 
-    def _check_id(self, msg_id: str | None) -> str:
-        if msg_id is None:
-            return self._ids.next()
-        if not 1 <= len(msg_id) <= MAX_ID_LEN:
-            raise DeviceError(errors.BAD_ARGS, f"a message id is 1 to {MAX_ID_LEN} characters")
-        return msg_id
+    def _write_ack(self, msg_id: str) -> None:
+        self._write(encode_frame("P2P_ACK", [self.device_id, msg_id]))
 
     def _frame(self, cmd: str, args: list[str], ref: str) -> bytes:
         frame = encode_frame(cmd, args)
@@ -951,19 +346,6 @@ class TcpDevice(_E2E):
             with contextlib.suppress(OSError):
                 await conn.writer.drain()
 
-    async def _wait_ready(self) -> None:
-        """Wait for a live session, or raise if the device stopped."""
-        while not self._connected.is_set():
-            self._check_open()
-            up = asyncio.ensure_future(self._connected.wait())
-            done = asyncio.ensure_future(self._done.wait())
-            try:
-                await asyncio.wait({up, done}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                up.cancel()
-                done.cancel()
-        self._check_open()
-
     async def _write_when_ready(self, frame: bytes) -> None:
         while True:
             await self._wait_ready()
@@ -972,96 +354,32 @@ class TcpDevice(_E2E):
                 return
             await asyncio.sleep(0.01)  # the transport is closing: the session is ending
 
-    async def _submit(self, msg_id: str, frame: bytes) -> str:
-        self._check_open()
-        if msg_id in self._outgoing:
-            raise DeviceError(
-                errors.DUPLICATE_ID, "a message with this id is still waiting for its receipt"
-            )
-        assert self._slots is not None
-        await self._slots.acquire()
-        try:
-            self._check_open()
-            if msg_id in self._outgoing:
-                raise DeviceError(
-                    errors.DUPLICATE_ID, "a message with this id is still waiting for its receipt"
-                )
-        except BaseException:
-            self._slots.release()
-            raise
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        out = _Outgoing(msg_id, frame, fut)
-        self._outgoing[msg_id] = out
-        self.sent += 1
-        try:
-            if self._connected.is_set() and self._write(frame):
-                out.written = True
-                await self._drain()
-            return await fut
-        finally:
-            if self._outgoing.get(msg_id) is out:  # cancelled by the caller
-                self._forget(out)
-
-    def _forget(self, out: _Outgoing) -> None:
-        del self._outgoing[out.id]
-        if out.timer is not None:
-            out.timer.cancel()
-            out.timer = None
-        if self._slots is not None:
-            self._slots.release()
-
-    def _retry_later(self, out: _Outgoing) -> None:
-        out.retries += 1
-        delay = min(self.backoff_min * 2 ** (out.retries - 1), self.backoff_max)
-        delay *= random.uniform(0.5, 1.0)
-        if out.timer is not None:
-            out.timer.cancel()
-        out.timer = asyncio.get_running_loop().call_later(delay, self._rewrite, out)
-
-    def _rewrite(self, out: _Outgoing) -> None:
-        out.timer = None
-        if self._outgoing.get(out.id) is out and self._connected.is_set():
-            if self._write(out.frame):
-                self.resent += 1
-
-    async def _request_reply(self, cmd: str, name: str, frame: bytes) -> str:
-        self._check_open()
-        assert self._request_lock is not None
-        async with self._request_lock:
-            self._check_open()
-            fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-            req = _Request(cmd, name, frame, fut)
-            self._request = req
-            try:
-                if self._connected.is_set() and self._write(frame):
-                    await self._drain()
-                async with asyncio.timeout(self.request_timeout):
-                    return await fut
-            except TimeoutError:
-                raise DeviceError(
-                    TIMEOUT, f"no answer to {cmd} within {self.request_timeout:g}s", name
-                ) from None
-            finally:
-                self._request = None
-
     # -- internals: sessions -------------------------------------------------
-    async def _open_session(self) -> _Conn:
-        """Gateway lookup + login, always raising DeviceError on failure."""
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                return await self._locate_and_login()
-        except TimeoutError:
-            raise DeviceError(
-                TIMEOUT, f"no session within {self.connect_timeout:g}s (server too slow or stuck)"
-            ) from None
+    async def _discard(self, session: _Conn) -> None:
+        await _close_writer(session.writer, abort=True)
 
-    def _rotated(self, items: list[str]) -> list[str]:
-        if not items:
-            return []
-        k = self._attempt % len(items)
-        return items[k:] + items[:k]
+    def _attach(self, session: _Conn) -> None:
+        self._conn = session
+        self.address = session.address
+        self._last_rx = asyncio.get_running_loop().time()
+        req = self._request
+        if req is not None and not req.future.done():
+            self._write(req.frame)
 
-    async def _locate_and_login(self) -> _Conn:
+    async def _goodbye(self) -> None:
+        # LOGOUT → OK ["LOGOUT", id], then the server closes: the session ends.
+        sup = self._supervisor
+        if sup is not None and not self.v1 and self._write(_LOGOUT_FRAME):
+            with contextlib.suppress(Exception):
+                await asyncio.wait({sup}, timeout=self.logout_timeout)
+
+    async def _close_session(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            await _close_writer(conn.writer, abort=True)
+
+    async def _open_any(self) -> _Conn:
         self._attempt += 1
         problems: list[str] = []
         candidates: list[str] = []
@@ -1175,67 +493,6 @@ class TcpDevice(_E2E):
             )
         return decoder.feed(data)
 
-    def _install(self, conn: _Conn) -> None:
-        """The session is up: write what waits for it, in order, then open the gate."""
-        self._clear_held()
-        self._conn = conn
-        self.address = conn.address
-        self._last_rx = asyncio.get_running_loop().time()
-        req = self._request
-        if req is not None and not req.future.done():
-            self._write(req.frame)
-        for out in self._outgoing.values():
-            if out.timer is not None:
-                out.timer.cancel()
-                out.timer = None
-            if self._write(out.frame):
-                self.resent += out.written
-                out.written = True
-        self._connected.set()
-
-    async def _supervise(self, conn: _Conn) -> None:
-        while True:
-            try:
-                await self._serve(conn)
-            except _Fatal as exc:
-                log.warning("%s: stopped: %s", self.device_id, exc.error)
-                self._stop(exc.error, final=True)
-                return
-            except (OSError, asyncio.IncompleteReadError) as exc:
-                log.debug("%s: connection lost: %s", self.device_id, _describe(exc))
-            except Exception:
-                log.exception("%s: session failed; reconnecting", self.device_id)
-            if self._closing:
-                return
-            if not self.reconnect:
-                self._stop(DeviceError(CLOSED, "the connection was lost"), final=True)
-                return
-            next_conn = await self._reconnect()
-            if next_conn is None:
-                return
-            conn = next_conn
-
-    async def _reconnect(self) -> _Conn | None:
-        delay = self.backoff_min
-        while not self._closing:
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            try:
-                conn = await self._open_session()
-            except DeviceError as exc:
-                if exc.code in FATAL_CODES:
-                    self._stop(exc, final=True)
-                    return None
-                log.debug("%s: reconnect failed: %s", self.device_id, exc)
-                delay = min(delay * 2, self.backoff_max)
-                continue
-            if self._closing:
-                await _close_writer(conn.writer, abort=True)
-                return None
-            self.reconnects += 1
-            self._install(conn)
-            return conn
-        return None
-
     async def _serve(self, conn: _Conn) -> None:
         pinger = (
             asyncio.create_task(self._keepalive(conn), name=f"fishchat-ping-{self.device_id}")
@@ -1291,33 +548,23 @@ class TcpDevice(_E2E):
             # token: [msg, from, id, ts_ms] [+ enc when sealed]; v1: [msg, from, uuid]
             ts = int(args[3]) if n >= 4 and args[3].isdigit() else _now_ms()
             msg = Message("p2p", args[2], args[1], args[0], "", ts)
-            if n >= 5 and args[4] != "none":
-                await self._deliver_sealed(msg, args[4])
-            else:
-                await self._deliver(msg)
+            await self._take(msg, args[4] if n >= 5 else "none")
         elif cmd == "RESP_MESSAGE_TOPIC" and n >= 3:
             # token: [topic, msg, from, id, ts_ms] [+ enc when sealed]; v1: [topic, msg, from]
             msg_id = args[3] if n >= 4 else ""
             ts = int(args[4]) if n >= 5 and args[4].isdigit() else _now_ms()
             msg = Message("topic", msg_id, args[2], args[1], args[0], ts)
-            if n >= 6 and args[5] != "none":
-                await self._deliver_sealed(msg, args[5])
-            else:
-                await self._deliver(msg)
+            await self._take(msg, args[5] if n >= 6 else "none")
         elif cmd == "TOPIC_OWNER" and n >= 2:
             await self._got_topic_owner(args[0], args[1])
         elif cmd == "PUBLIC_KEY" and n >= 2:
             await self._got_public_key(args[0], args[1])
             self._answer("GET_PUBLIC_KEY", args[0], args[1])
         elif cmd == "ACCEPTED" and n >= 1:
-            out = self._outgoing.get(args[0])
-            if out is not None:
-                self._forget(out)
-                self.accepted += 1
-                if not out.future.done():
-                    out.future.set_result(out.id)
+            self._accepted(args[0])
         elif cmd == "ERROR":
-            self._on_error(args)
+            code = args[0] if args else PROTOCOL
+            self._on_error(code, args[1] if n > 1 else "", args[2] if n > 2 else "")
         elif cmd == "PONG":
             pass
         elif cmd == "OK" and n >= 2:
@@ -1327,40 +574,8 @@ class TcpDevice(_E2E):
         else:
             log.debug("%s: ignoring %s %s", self.device_id, cmd, args)
 
-    def _answer(self, cmd: str, name: str, result: str) -> None:
-        req = self._request
-        if req is not None and req.cmd == cmd and req.name == name and not req.future.done():
-            req.future.set_result(result)
-
-    def _on_error(self, args: list[str]) -> None:
-        code = args[0] if args else PROTOCOL
-        text = args[1] if len(args) > 1 else ""
-        ref = args[2] if len(args) > 2 else ""
-        self.server_errors.append((code, text, ref))
-        # The reference is a message id or a topic name; ERROR does not say which
-        # command it answers, so look among the messages first (their ids are random),
-        # then at the one control request in flight.
+    def _unmatched_error(self, code: str, text: str, ref: str) -> None:
         if ref:
-            if ("peer", ref) in self._held and code != errors.UNAVAILABLE:
-                # The sender of held sealed messages has no key (unknown, revoked).
-                self._drop_held(("peer", ref), f"{code} {text}")
-            if ("owner", ref) in self._held:
-                # No owner to check a held topic key against: it is not taken.
-                self._drop_held(("owner", ref), f"topic owner unknown: {code} {text}")
-            out = self._outgoing.get(ref)
-            if out is not None:
-                if code == errors.UNAVAILABLE and self.retry_unavailable and not self._closing:
-                    self._retry_later(out)
-                    return
-                self._forget(out)
-                self.rejected += 1
-                if not out.future.done():
-                    out.future.set_exception(DeviceError(code, text, ref))
-                return
-            req = self._request
-            if req is not None and req.name == ref and not req.future.done():
-                req.future.set_exception(DeviceError(code, text, ref))
-                return
             log.info("%s: server error for %r: %s %s", self.device_id, ref, code, text)
             return
         log.info("%s: server error: %s %s", self.device_id, code, text)
@@ -1369,32 +584,6 @@ class TcpDevice(_E2E):
         req = self._request
         if code in _REQUEST_ERRORS and req is not None and not req.future.done():
             req.future.set_exception(DeviceError(code, text, req.name))
-
-    async def _deliver(self, msg: Message) -> None:
-        if self._closing:
-            return  # not acked: the server delivers it again at the next login
-        if not msg.id:  # v1 topic message: no id, no ack, no dedupe
-            if await self._inbox.put(msg):
-                self.received += 1
-            return
-        key = (msg.sender, msg.id)
-        acked = self._seen.get(key)
-        if acked is not None:
-            self._seen.move_to_end(key)
-            self.duplicates += 1
-            if acked:
-                self._acks.append(msg.id)
-            return
-        if self._inbox.full():
-            self._flush_acks()  # do not hold earlier acks while waiting for room
-        if not await self._inbox.put(msg):
-            return
-        self.received += 1
-        self._seen[key] = self.auto_ack
-        if len(self._seen) > self._dedupe_max:
-            self._seen.popitem(last=False)
-        if self.auto_ack:
-            self._acks.append(msg.id)
 
     def _ask_public_key(self, device_id: str) -> None:
         self._write(encode_frame("GET_PUBLIC_KEY", [device_id]))
@@ -1419,22 +608,6 @@ class TcpDevice(_E2E):
             for i in range(0, len(acks), ACK_BATCH):
                 out += encode_frame("P2P_ACK", [self.device_id, *acks[i : i + ACK_BATCH]])
         self._write(bytes(out))
-
-    def _stop(self, error: DeviceError, *, final: bool) -> None:
-        """No more sessions: fail every waiter with ``error``."""
-        if final and self._final is None:
-            self._final = error
-        err = self._final or error
-        for out in list(self._outgoing.values()):
-            self._forget(out)
-            if not out.future.done():
-                out.future.set_exception(err.copy())
-        req = self._request
-        if req is not None and not req.future.done():
-            req.future.set_exception(err.copy())
-        self._inbox.close(err)
-        self._connected.clear()
-        self._done.set()
 
 
 class V1Device(TcpDevice):
