@@ -4,7 +4,8 @@ runner built on them (DESIGN section 7).
 ``TcpDevice`` / ``V1Device`` (``firmware_sim.tcp_device``) drive the TCP protocol of
 ``docs/protocol.md``, ``MqttDevice`` (``firmware_sim.mqtt_device``) its MQTT topics and
 ``SerialDevice`` (``firmware_sim.serial_device``) the serial framing of ``docs/serial.md``,
-all on one ``DeviceBase`` (``firmware_sim.device_base``: ids, receipts, dedupe, acks);
+all on one ``DeviceBase`` (``firmware_sim.device_base``: ids, receipts, dedupe, acks;
+``device_e2e`` seals, ``device_types`` holds the errors and messages);
 ``load_bundle`` reads the provisioning bundle ``fishchat-iot device register`` writes.
 """
 

@@ -49,19 +49,21 @@ import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from firmware_sim.bundle import Bundle
 from firmware_sim.device_base import (
+    DeviceBase,
+    DeviceOptions,
+    _Outgoing,
+    _Request,
+)
+from firmware_sim.device_types import (
     CONNECT_FAILED,
     FATAL_CODES,
     PROTOCOL,
-    Bundle,
-    DeviceBase,
     DeviceError,
-    DeviceOptions,
     Message,
     _as_list,
     _now_ms,
-    _Outgoing,
-    _Request,
     parse_address,
 )
 from fishchat_iot import errors

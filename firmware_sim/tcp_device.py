@@ -75,7 +75,13 @@ from pathlib import Path
 from typing import Any, Unpack
 
 from device_adapters.tcp.framing import FrameDecoder, FrameError, encode_frame
+from firmware_sim.bundle import Bundle
 from firmware_sim.device_base import (
+    DeviceBase,
+    DeviceOptions,
+    _Outgoing,
+)
+from firmware_sim.device_types import (
     CLOSED,
     CONNECT_FAILED,
     FATAL_CODES,
@@ -85,16 +91,12 @@ from firmware_sim.device_base import (
     NOT_SUPPORTED,
     PROTOCOL,
     TIMEOUT,
-    Bundle,
-    DeviceBase,
     DeviceError,
-    DeviceOptions,
     Message,
     _as_list,
     _describe,
     _Fatal,
     _now_ms,
-    _Outgoing,
     parse_address,
 )
 from fishchat_iot import errors
