@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from array import array
 from typing import Any, cast
@@ -23,6 +24,10 @@ _ACCEPTED = b'{"CmdName":"ACCEPTED"'
 _DELIVERY = b'{"CmdName":"RESP_MESSAGE_P2P"'
 _LOGIN_OK = b'{"CmdName":"LOGIN_OK"'
 _ERROR = b'{"CmdName":"ERROR"'
+# Ids per P2P_ACK: the server takes 999 with the device id (1000 arguments). More were
+# refused with BAD_ARGS, unnoticed: a read of 1000 deliveries or more (a recipient's
+# hold written at once, under overload) was never acked and its receiver stalled.
+_ACK_IDS = 999
 
 
 def _split(buf: bytearray) -> list[bytes]:
@@ -88,7 +93,10 @@ class _Sender(_Client):
         self.run = run
         body = "x" * run.payload
         self.batches: list[bytes] = []
-        frames = [encode_frame("SEND_MESSAGE_P2P", [to, body, device_id, str(i)]) for i in range(n)]
+        tag = run.tag
+        frames = [
+            encode_frame("SEND_MESSAGE_P2P", [to, body, device_id, f"{tag}{i}"]) for i in range(n)
+        ]
         self.frames = frames if run.rate else []
         for i in range(0, n, run.batch):
             self.batches.append(b"".join(frames[i : i + run.batch]))
@@ -148,6 +156,7 @@ class _Receiver(_Client):
         self.seen = bytearray(n)
         self.delivered = 0
         self.duplicates = 0
+        self.stale = 0  # deliveries of an earlier run's messages (acked, not counted)
         self.sender: _Sender | None = None
 
     def on_frames(self, frames: list[bytes]) -> None:
@@ -157,12 +166,19 @@ class _Receiver(_Client):
         assert sender is not None
         lat = self.run.latencies
         seen = self.seen
+        tag = self.run.tag
+        skip = len(tag)
         for f in frames:
             if not f.startswith(_DELIVERY):
                 continue
             msg_id = orjson.loads(f)["Args"][2]
             ids.append(msg_id)
-            i = int(msg_id)
+            if not msg_id.startswith(tag):
+                # An earlier run on the same devices: delivered again because the run
+                # ended before the server had its ack (at least once). Ack it, skip it.
+                self.stale += 1
+                continue
+            i = int(msg_id[skip:])
             if seen[i]:
                 self.duplicates += 1
                 continue
@@ -172,8 +188,8 @@ class _Receiver(_Client):
         if ids and self.transport is not None:
             me = self.device_id
             out = bytearray()
-            for k in range(0, len(ids), 1000):
-                out += encode_frame("P2P_ACK", [me, *ids[k : k + 1000]])
+            for k in range(0, len(ids), _ACK_IDS):
+                out += encode_frame("P2P_ACK", [me, *ids[k : k + _ACK_IDS]])
             self.transport.write(bytes(out))
         self.run.check()
 
@@ -189,6 +205,9 @@ class _Run:
         self.batch = batch
         self.window = window
         self.latencies: array[float] = array("d")
+        # Message ids are this tag + a counter: deliveries of another run's messages
+        # (same devices) are told apart instead of counted as this run's.
+        self.tag = f"{secrets.token_hex(3)}."
         self.senders: list[_Sender] = []
         self.receivers: list[_Receiver] = []
         self.done = asyncio.Event()
@@ -300,6 +319,7 @@ async def p2p(
         "receipts": sum(s.receipts for s in run.senders),
         "refused": sum(s.errors for s in run.senders),
         "duplicates": sum(r.duplicates for r in run.receivers),
+        "stale": sum(r.stale for r in run.receivers),
         "seconds": elapsed,
         "latencies": run.latencies,
     }
