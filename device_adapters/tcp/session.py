@@ -68,6 +68,7 @@ class TcpSession(Session, asyncio.Protocol):
         "cert_id",
         "held",
         "inbuf",
+        "input_holds",
         "limits",
         "listener",
         "logging_in",
@@ -91,6 +92,7 @@ class TcpSession(Session, asyncio.Protocol):
         self.logging_in = False
         self.waiting = False  # a command is waiting for the store: hold the next frames
         self.held: list[Item] | None = None  # frames read while logging in or waiting
+        self.input_holds = 0  # pause_input() calls not yet resumed (the core's backpressure)
         self.batch_ms = 0  # wall clock (ms) of the batch of frames being handled
         self.login_task: asyncio.Task[None] | None = None
         self.login_timer: asyncio.TimerHandle | None = None
@@ -186,8 +188,10 @@ class TcpSession(Session, asyncio.Protocol):
         commands = COMMANDS
         rated = self.rate is not None  # set at login, which a batch never spans
         for i, item in enumerate(items):
-            if self.logging_in or self.waiting:
-                # Bounded: reading is paused during login and while a command waits.
+            if self.logging_in or self.waiting or self.input_holds or self.held is not None:
+                # Bounded: reading is paused during login, while a command waits and
+                # while the core holds this device back (the rest of this read waits,
+                # and what comes next waits behind it).
                 if self.held is None:
                     self.held = items[i:]
                 else:
@@ -391,10 +395,24 @@ class TcpSession(Session, asyncio.Protocol):
             self.transport.resume_reading()
 
     def pause_input(self) -> None:
+        """The core holds this device back: nothing more of this read is handled and
+        nothing more is read until ``resume_input``."""
+        self.input_holds += 1
         self._pause_reading()
 
     def resume_input(self) -> None:
+        self.input_holds -= 1
         self._resume_reading()
+        if self.input_holds == 0 and self.held:
+            # Not from here: the caller may be in the middle of writing what held this
+            # device back (MsgServer._go_live), and these frames come after it.
+            asyncio.get_running_loop().call_soon(self._release_held)
+
+    def _release_held(self) -> None:
+        if self.input_holds or self.waiting or self.logging_in or not self.held:
+            return  # held back again meanwhile (or gone): released at that resume
+        held, self.held = self.held, None
+        self._handle(held)
 
     # -- Session: what the core emits -------------------------------------------------
     def emit_message(self, env: Envelope) -> None:

@@ -118,6 +118,11 @@ class MsgServer:
         # under way): messages arriving for it meanwhile, held here instead of going to
         # the store, with their receipts and whether they were accepted before.
         self._held: dict[str, list[tuple[Envelope, Receipt | None, bool]]] = {}
+        # Per recipient with a hold: the sessions on this node whose reading is paused
+        # until the hold ends (their messages are the ones held: backpressure).
+        self._hold_paused: dict[str, list[Session]] = {}
+        # Sessions whose reading is paused for too many pending receipts.
+        self._receipts_paused: set[Session] = set()
         # Group commit of hand-offs (per kind of routing) and of acks of stored copies.
         self._routing: dict[tuple[bool, bool], Batcher[Envelope, Enqueued]] = {}
         self._acks: Batcher[tuple[str, str], None] = Batcher(
@@ -332,6 +337,7 @@ class MsgServer:
         if s.mode is Mode.CLOSED or s.node is not self:
             return
         s.mode = Mode.CLOSED
+        self._receipts_paused.discard(s)
         if s.drain_task is not None:
             s.drain_task.cancel()
             s.drain_task = None
@@ -339,7 +345,7 @@ class MsgServer:
         if self.sessions.get(s.device_id) is s:
             del self.sessions[s.device_id]
             self.spawn(self.bus.clear_presence(s.device_id, self.node_id), "presence")
-            held = self._held.pop(s.device_id, None)
+            held = self._end_hold(s.device_id)
             self._reread.discard(s.device_id)  # a new session reads from the start anyway
         unstored = [env for env, stored in s.inflight.values() if not stored]
         s.inflight.clear()
@@ -670,12 +676,23 @@ class MsgServer:
 
     def _begin_receipt(self, s: Session) -> None:
         s.pending_receipts += 1
-        if s.pending_receipts == self.settings.delivery.max_pending_receipts:
+        if (
+            s.pending_receipts >= self.settings.delivery.max_pending_receipts
+            and s not in self._receipts_paused
+        ):
+            self._receipts_paused.add(s)
             s.pause_input()
 
     def _end_receipt(self, s: Session) -> None:
         s.pending_receipts -= 1
-        if s.pending_receipts == self.settings.delivery.max_pending_receipts // 2:
+        if (
+            s.pending_receipts <= self.settings.delivery.max_pending_receipts // 2
+            and s in self._receipts_paused
+        ):
+            # Only a session paused above: one that reached half the bound on its way
+            # up was never paused (it used to be resumed here all the same, and its
+            # pause count went below zero: later pauses did not pause it).
+            self._receipts_paused.discard(s)
             s.resume_input()
 
     def _hand_off(
@@ -724,7 +741,7 @@ class MsgServer:
         for env in envs:
             held = self._held.get(env.to)
             if held is not None and len(held) >= self.window:
-                del self._held[env.to]
+                self._end_hold(env.to)
                 self._spill(held)
                 held = None
             if held is None:
@@ -737,7 +754,23 @@ class MsgServer:
                     self.settings.delivery.hold_wait, self._hold_expired, env.to, held
                 )
             held.append((env, receipt, accepted))
+            sender = self.sessions.get(env.sender)
+            if sender is not None and sender.mode is LIVE and not sender.inflight:
+                # Read no more from it until the recipient catches up: a sender faster
+                # than its recipient waits (at most hold_wait) instead of sending the
+                # rest of its stream through the store. Not a sender with deliveries of
+                # its own to ack: its acks come on the same connection.
+                paused = self._hold_paused.setdefault(env.to, [])
+                if sender not in paused:
+                    paused.append(sender)
+                    sender.pause_input()
         return rest
+
+    def _end_hold(self, device_id: str) -> list[tuple[Envelope, Receipt | None, bool]] | None:
+        """Forget the device's hold (returned) and read again from its paused senders."""
+        for sender in self._hold_paused.pop(device_id, ()):
+            sender.resume_input()
+        return self._held.pop(device_id, None)
 
     def _hold_expired(
         self, device_id: str, held: list[tuple[Envelope, Receipt | None, bool]]
@@ -745,7 +778,7 @@ class MsgServer:
         """The first message of this hold has waited ``delivery.hold_wait``: the recipient
         is not acking (or not reading). Store what is held; its senders get their receipts."""
         if self._held.get(device_id) is held:
-            del self._held[device_id]
+            self._end_hold(device_id)
             self._spill(held)
 
     def _spill(self, held: list[tuple[Envelope, Receipt | None, bool]]) -> None:
@@ -760,7 +793,7 @@ class MsgServer:
         it came, and deliver live from now on."""
         s.mode = LIVE
         self._arrivals.pop(s.device_id, None)
-        held = self._held.pop(s.device_id, None)
+        held = self._end_hold(s.device_id)
         if not held:
             return
         now = now_ms()

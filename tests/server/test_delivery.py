@@ -160,8 +160,9 @@ async def test_a_receiver_a_window_behind_gets_the_next_messages_from_memory(
 ) -> None:
     """A receiver whose in-flight window is full and that acks within
     ``delivery.hold_wait`` is sent what came meanwhile straight from memory: nothing
-    goes through its offline queue, and the sender's receipts of those messages come
-    once they are written to it, in order."""
+    goes through its offline queue, the sender's receipts of those messages come once
+    they are written to it, in order, and the sender is not read from meanwhile (its
+    PING is answered only then: backpressure, not a trip through the store)."""
     server = up_server_factory(config={"delivery": {"hold_wait": 60.0}})
     tokens = server.register_many(["a", "b"])
     a = await connect(server.msg_server, "a", tokens["a"])
@@ -170,7 +171,8 @@ async def test_a_receiver_a_window_behind_gets_the_next_messages_from_memory(
     await send_batch(a, "b", ids)
     await collect_receipts(a, ids[:1000])
     assert [g[2] for g in await recv_deliveries(b, 1000)] == ids[:1000]
-    await a.expect_silence(0.5)  # the other 500 are held for b: not yet written
+    await a.send("SEND_PING", "PING")
+    await a.expect_silence(0.5)  # the rest is held for b, and a is not read from
     await b.expect_silence(0.1)
     assert await _queued(server, "b") == 0
 
@@ -178,6 +180,7 @@ async def test_a_receiver_a_window_behind_gets_the_next_messages_from_memory(
         await b.ack("b", *ids[start : start + 500])
     assert [g[2] for g in await recv_deliveries(b, 500)] == ids[1000:]
     await collect_receipts(a, ids[1000:])
+    assert await a.expect("PONG") == []  # read again once b caught up
     assert await _queued(server, "b") == 0
     await b.ack("b", *ids[1000:])
     await assert_next_delivery_is_new(a, b)
