@@ -84,15 +84,7 @@ def _now_ms() -> int:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, DeviceError):
-        return str(exc)
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
+    return str(exc) if isinstance(exc, DeviceError) else errors.reason(exc)
 
 
 class _Inbox:

@@ -36,3 +36,17 @@ class FishChatError(Exception):
         super().__init__(text)
         self.code = code
         self.text = text
+
+
+def reason(exc: BaseException | None) -> str:
+    """Why a connection or an I/O call failed, in a few lower-case words for a one-line
+    log or error ("timed out", "connection refused", the OS's text); None: "closed"."""
+    if exc is None:
+        return "closed"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__

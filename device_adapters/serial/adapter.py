@@ -493,7 +493,7 @@ class PortBridge:
             try:
                 candidates.append(await ask_gateway(self.cfg.gateway, timeout))
             except (OSError, ValueError, TimeoutError) as exc:
-                problems.append(f"gateway {self.cfg.gateway}: {_describe(exc)}")
+                problems.append(f"gateway {self.cfg.gateway}: {errors.reason(exc)}")
         if self.cfg.msg_server and self.cfg.msg_server not in candidates:
             candidates.append(self.cfg.msg_server)
         for addr in candidates:
@@ -505,7 +505,7 @@ class PortBridge:
                 self.upstream_address = addr
                 break
             except (OSError, ValueError, TimeoutError) as exc:
-                problems.append(f"msg_server {addr}: {_describe(exc)}")
+                problems.append(f"msg_server {addr}: {errors.reason(exc)}")
         if asyncio.current_task() is not self._connecting:
             if upstream is not None:  # replaced while connecting
                 upstream.close()
@@ -555,7 +555,7 @@ class PortBridge:
         self.upstream = None
         self.upstream_lost += 1
         reason = (
-            f"the msg_server connection ended ({_describe(exc)})"
+            f"the msg_server connection ended ({errors.reason(exc)})"
             if exc
             else ("the msg_server closed the connection")
         )
@@ -591,18 +591,6 @@ class PortBridge:
         port.write(DELIMITER + frame)
         self.frames_out += 1
         self.bytes_out += len(frame) + 1
-
-
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "closed"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
 
 
 class SerialAdapter:

@@ -155,6 +155,20 @@ async def _queued(server: ServerProcess, device_id: str) -> int:
     return int(json.loads(done.stdout)["queued"])
 
 
+async def _stream_past_the_window(
+    factory: ServerFactory, connect: Connect, hold_wait: float, total: int
+) -> tuple[ServerProcess, RawClient, RawClient, list[str]]:
+    """A fresh server with ``delivery.hold_wait``; a streams ``total`` messages to b,
+    which does not ack (yet)."""
+    server = factory(config={"delivery": {"hold_wait": hold_wait}})
+    tokens = server.register_many(["a", "b"])
+    a = await connect(server.msg_server, "a", tokens["a"])
+    b = await connect(server.msg_server, "b", tokens["b"])
+    ids = [f"m{n}" for n in range(total)]
+    await send_batch(a, "b", ids)
+    return server, a, b, ids
+
+
 async def test_a_receiver_a_window_behind_gets_the_next_messages_from_memory(
     up_server_factory: ServerFactory, connect: Connect
 ) -> None:
@@ -163,12 +177,7 @@ async def test_a_receiver_a_window_behind_gets_the_next_messages_from_memory(
     goes through its offline queue, the sender's receipts of those messages come once
     they are written to it, in order, and the sender is not read from meanwhile (its
     PING is answered only then: backpressure, not a trip through the store)."""
-    server = up_server_factory(config={"delivery": {"hold_wait": 60.0}})
-    tokens = server.register_many(["a", "b"])
-    a = await connect(server.msg_server, "a", tokens["a"])
-    b = await connect(server.msg_server, "b", tokens["b"])
-    ids = [f"m{n}" for n in range(1500)]
-    await send_batch(a, "b", ids)
+    server, a, b, ids = await _stream_past_the_window(up_server_factory, connect, 60.0, 1500)
     await collect_receipts(a, ids[:1000])
     assert [g[2] for g in await recv_deliveries(b, 1000)] == ids[:1000]
     await a.send("SEND_PING", "PING")
@@ -191,12 +200,7 @@ async def test_a_receiver_that_stops_acking_has_the_rest_queued_after_hold_wait(
 ) -> None:
     """Held messages wait ``delivery.hold_wait`` at most: then they are queued and
     their sender gets its receipts, while the receiver still has not acked."""
-    server = up_server_factory(config={"delivery": {"hold_wait": 1.0}})
-    tokens = server.register_many(["a", "b"])
-    a = await connect(server.msg_server, "a", tokens["a"])
-    b = await connect(server.msg_server, "b", tokens["b"])
-    ids = [f"m{n}" for n in range(1300)]
-    await send_batch(a, "b", ids)
+    server, a, b, ids = await _stream_past_the_window(up_server_factory, connect, 1.0, 1300)
     await collect_receipts(a, ids, timeout=20)
     assert [g[2] for g in await recv_deliveries(b, 1000)] == ids[:1000]
     assert await _queued(server, "b") == 300
