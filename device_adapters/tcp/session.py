@@ -168,10 +168,6 @@ class TcpSession(Session, asyncio.Protocol):
                 rate.refill(now)
                 rate.take_bytes(len(data))
         self._handle(items)
-        if rate is not None and not self._throttled:
-            wait = rate.wait()
-            if wait > 0:  # over the byte rate (or a v1 session over the message rate)
-                self._throttle(wait)
 
     # -- command dispatch ------------------------------------------------------------
     def _handle(self, items: list[Item]) -> None:
@@ -182,6 +178,14 @@ class TcpSession(Session, asyncio.Protocol):
             self._dispatch(items)
         finally:
             self.batch_ms = 0
+        # After every batch handled, whether just read or held back until now (login,
+        # a command waiting, the core's backpressure): its messages count against the
+        # rate before anything more is read.
+        rate = self.rate
+        if rate is not None and not self._throttled:
+            wait = rate.wait()
+            if wait > 0:  # over the byte rate (or a v1 session over the message rate)
+                self._throttle(wait)
 
     def _dispatch(self, items: list[Item]) -> None:
         transport = self.transport
@@ -344,7 +348,15 @@ class TcpSession(Session, asyncio.Protocol):
         if failure is not None:
             code, text = failure
             if code == errors.AUTH_FAILED or code == errors.V1_NOT_ALLOWED:
-                self.limits.login_failed(host_of(self.peer), device_id)
+                host = host_of(self.peer)
+                why = self.limits.login_blocked(host, device_id)
+                if why is None:
+                    self.limits.login_failed(host, device_id)
+                else:
+                    # Other attempts reached the limit while this one read the registry:
+                    # answered like the attempts after it, so no more than
+                    # limits.login_fail_burst failures are ever told apart.
+                    code, text = errors.THROTTLED, why
             if token is None and not cert:
                 # A v1 client cannot parse ERROR: close, and say why in the log.
                 log.warning("refused v1 login of %r from %s: %s", device_id, self.peer, text)
