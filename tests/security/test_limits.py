@@ -108,6 +108,36 @@ async def test_message_rate_v1_session_is_paused(limited: ServerProcess, uid: st
     await dev_b.close()
 
 
+async def test_message_rate_holds_for_frames_held_back_and_handled_later(
+    up_server_factory: Any, uid: str
+) -> None:
+    """Frames a device sent while the server held it back (here: too many sends waiting
+    for the store, delivery.max_pending_receipts) are handled later, and count against
+    its rate like any others: a v1 device over its rate is paused afterwards."""
+    server = up_server_factory(config={"limits": RATES, "delivery": {"max_pending_receipts": 4}})
+    a, b = f"{uid}-a", f"{uid}-b"
+    server.cli("device", "register", a, "--v1")
+    tok = server.register_many([b])
+    dev_a = await connect_from(server.msg_server, "127.0.0.15")
+    await dev_a.login_v1(a)
+    # b is offline: every send waits for the store, so after 4 the rest of the write is
+    # held back and handled as receipts come back.
+    await dev_a.send_frames(("SEND_MESSAGE_P2P", [b, f"q{i}", a]) for i in range(40))
+    dev_b = await connect_from(server.msg_server, "127.0.0.16")
+    await dev_b.login(b, tok[b])
+    got = [(await dev_b.expect("RESP_MESSAGE_P2P"))[0] for _ in range(40)]
+    assert got == [f"q{i}" for i in range(40)]
+    start = time.monotonic()
+    await dev_a.send("SEND_MESSAGE_P2P", b, "after", a)
+    args = await dev_b.expect("RESP_MESSAGE_P2P", timeout=10)
+    waited = time.monotonic() - start
+    # (40 - 10) / 20 = 1.5 s of debt, less what the queue and b's login took.
+    assert args[0] == "after" and waited >= 0.5, waited
+    assert dev_a.v1_violations() == []
+    await dev_a.close()
+    await dev_b.close()
+
+
 async def test_byte_rate_pauses_reading(limited: ServerProcess, uid: str) -> None:
     a, off = f"{uid}-a", f"{uid}-offline"
     tok = limited.register_many([a, off])
