@@ -67,33 +67,26 @@ def vectors() -> dict[str, dict[str, str]]:
     psk = bytes(range(160, 192))
     up = psk_header("m-0003", "lamp", "bob", 1764201601000, "p2p")
     down = psk_header("m-0004", "bob", "lamp", 1764201602000, "p2p")
-    psk_up = {
-        "psk": psk.hex(),
-        "id": up.id,
-        "from": up.sender,
-        "to": up.to,
-        "ts": str(up.ts),
-        "kind": up.kind,
-        "enc": up.enc,
-        "header": header_bytes(up).hex(),
-        "nonce": bytes(range(12, 24)).hex(),
-        "plaintext": b"on".hex(),
-        "sealed": seal_body(psk, up, b"on", bytes(range(12, 24))).hex(),
-    }
-    psk_down = {
-        "psk": psk.hex(),
-        "id": down.id,
-        "from": down.sender,
-        "to": down.to,
-        "ts": str(down.ts),
-        "kind": down.kind,
-        "enc": down.enc,
-        "header": header_bytes(down).hex(),
-        "nonce": bytes(range(24, 36)).hex(),
-        "plaintext": b"ok".hex(),
-        "sealed": seal_body(psk, down, b"ok", bytes(range(24, 36))).hex(),
-    }
+    psk_up = _psk_vector(psk, up, bytes(range(12, 24)), b"on")
+    psk_down = _psk_vector(psk, down, bytes(range(24, 36)), b"ok")
     return {"p2p": p2p, "topic": topic, "psk_up": psk_up, "psk_down": psk_down}
+
+
+def _psk_vector(psk: bytes, h: Header, nonce: bytes, plaintext: bytes) -> dict[str, str]:
+    """One PSK vector: the key, the header's fields and bytes, and the sealed body."""
+    return {
+        "psk": psk.hex(),
+        "id": h.id,
+        "from": h.sender,
+        "to": h.to,
+        "ts": str(h.ts),
+        "kind": h.kind,
+        "enc": h.enc,
+        "header": header_bytes(h).hex(),
+        "nonce": nonce.hex(),
+        "plaintext": plaintext.hex(),
+        "sealed": seal_body(psk, h, plaintext, nonce).hex(),
+    }
 
 
 def _x25519(private: bytes, public: bytes) -> bytes:
