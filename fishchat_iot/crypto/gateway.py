@@ -14,7 +14,7 @@ never outlives its key).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from fishchat_iot.core.envelope import KIND_TOPIC, Envelope
 from fishchat_iot.crypto.seal import (
@@ -65,11 +65,6 @@ class PskKeys:
     def _atrest(self) -> AtRest | None:
         # EmbeddedApp's store is a SealedStore that holds the server key.
         return getattr(self.manager.store, "atrest", None)
-
-    @staticmethod
-    def cached(s: Session) -> bytes | Literal[False] | None:
-        """The session's PSK, None when its device has none, False when not looked up."""
-        return s.psk
 
     async def load(self, s: Session) -> bytes | None:
         """The session's PSK (looked up once). StoreUnavailable propagates; a sealed PSK

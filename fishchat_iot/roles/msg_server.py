@@ -1022,7 +1022,7 @@ class MsgServer:
         try:
             # A gateway-terminated device's deliveries are sealed under its PSK by the
             # transport (emit_message): know the key before anything is written to it.
-            while self.psk.cached(s) is False and s.mode is Mode.BACKLOG:
+            while s.psk is False and s.mode is Mode.BACKLOG:
                 try:
                     await self.psk.load(s)
                 except StoreUnavailable as exc:
