@@ -62,6 +62,19 @@ class Offer(enum.Enum):
 _OFFER_LIVE = Offer.LIVE  # the hot path compares with a global, not a class attribute
 
 
+class _Hold:
+    """What arrives for one recipient while it catches up or is a window behind
+    (``MsgServer._hold``): the messages with their receipts, the senders on this node
+    held back meanwhile, and the timer that stores it all after ``hold_wait``."""
+
+    __slots__ = ("items", "senders", "timer")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Envelope, Receipt | None, bool]] = []
+        self.senders: list[Session] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+
 class MsgServer:
     def __init__(
         self,
@@ -117,10 +130,7 @@ class MsgServer:
         # Per device catching up (its feed has read everything below the hand-offs still
         # under way): messages arriving for it meanwhile, held here instead of going to
         # the store, with their receipts and whether they were accepted before.
-        self._held: dict[str, list[tuple[Envelope, Receipt | None, bool]]] = {}
-        # Per recipient with a hold: the sessions on this node whose reading is paused
-        # until the hold ends (their messages are the ones held: backpressure).
-        self._hold_paused: dict[str, list[Session]] = {}
+        self._held: dict[str, _Hold] = {}
         # Sessions whose reading is paused for too many pending receipts.
         self._receipts_paused: set[Session] = set()
         # Group commit of hand-offs (per kind of routing) and of acks of stored copies.
@@ -324,7 +334,7 @@ class MsgServer:
         if s.mode is not Mode.CLOSED:
             # Whatever arrives from now on is newer than everything queued or on its way
             # to the queue: hold it while the feed catches up, rather than queue it too.
-            self._held[device_id] = []
+            self._held[device_id] = _Hold()
             self._start_drain(s)
         return None
 
@@ -341,7 +351,7 @@ class MsgServer:
         if s.drain_task is not None:
             s.drain_task.cancel()
             s.drain_task = None
-        held = None
+        held: list[tuple[Envelope, Receipt | None, bool]] = []
         if self.sessions.get(s.device_id) is s:
             del self.sessions[s.device_id]
             self.spawn(self.bus.clear_presence(s.device_id, self.node_id), "presence")
@@ -411,7 +421,7 @@ class MsgServer:
             # is mostly a moment's lag, and the store path costs ~10x the live one.
             r.mode = Mode.BACKLOG
             if env.to not in self._held:
-                self._held[env.to] = []
+                self._held[env.to] = _Hold()
             return None
         r.push(env, False)
         self.msgs_out += 1
@@ -739,47 +749,48 @@ class MsgServer:
         recipient is fed from there."""
         rest: list[Envelope] = []
         for env in envs:
-            held = self._held.get(env.to)
-            if held is not None and len(held) >= self.window:
-                self._end_hold(env.to)
-                self._spill(held)
-                held = None
-            if held is None:
+            hold = self._held.get(env.to)
+            if hold is not None and len(hold.items) >= self.window:
+                self._spill(self._end_hold(env.to))
+                hold = None
+            if hold is None:
                 rest.append(env)
                 continue
             if receipt is not None:
                 receipt.hold()
-            if not held:
-                asyncio.get_running_loop().call_later(
-                    self.settings.delivery.hold_wait, self._hold_expired, env.to, held
+            if hold.timer is None:
+                hold.timer = asyncio.get_running_loop().call_later(
+                    self.settings.delivery.hold_wait, self._hold_expired, env.to, hold
                 )
-            held.append((env, receipt, accepted))
+            hold.items.append((env, receipt, accepted))
             sender = self.sessions.get(env.sender)
             if sender is not None and sender.mode is LIVE and not sender.inflight:
                 # Read no more from it until the recipient catches up: a sender faster
                 # than its recipient waits (at most hold_wait) instead of sending the
                 # rest of its stream through the store. Not a sender with deliveries of
                 # its own to ack: its acks come on the same connection.
-                paused = self._hold_paused.setdefault(env.to, [])
-                if sender not in paused:
-                    paused.append(sender)
+                if sender not in hold.senders:
+                    hold.senders.append(sender)
                     sender.pause_input()
         return rest
 
-    def _end_hold(self, device_id: str) -> list[tuple[Envelope, Receipt | None, bool]] | None:
-        """Forget the device's hold (returned) and read again from its paused senders."""
-        for sender in self._hold_paused.pop(device_id, ()):
+    def _end_hold(self, device_id: str) -> list[tuple[Envelope, Receipt | None, bool]]:
+        """Forget the device's hold and read again from the senders it held back; what
+        it held (nothing when there was no hold)."""
+        hold = self._held.pop(device_id, None)
+        if hold is None:
+            return []
+        if hold.timer is not None:
+            hold.timer.cancel()
+        for sender in hold.senders:
             sender.resume_input()
-        return self._held.pop(device_id, None)
+        return hold.items
 
-    def _hold_expired(
-        self, device_id: str, held: list[tuple[Envelope, Receipt | None, bool]]
-    ) -> None:
+    def _hold_expired(self, device_id: str, hold: _Hold) -> None:
         """The first message of this hold has waited ``delivery.hold_wait``: the recipient
         is not acking (or not reading). Store what is held; its senders get their receipts."""
-        if self._held.get(device_id) is held:
-            self._end_hold(device_id)
-            self._spill(held)
+        if self._held.get(device_id) is hold:
+            self._spill(self._end_hold(device_id))
 
     def _spill(self, held: list[tuple[Envelope, Receipt | None, bool]]) -> None:
         """Held messages to the store after all (their recipient left, or too many)."""
@@ -1079,7 +1090,7 @@ class MsgServer:
                     # Caught up below the hand-offs under way: hold what arrives from
                     # now on instead of queueing it behind them (a steady stream would
                     # otherwise keep the session on the store path for good).
-                    self._held[device] = []
+                    self._held[device] = _Hold()
                 if self._pending.get(device):
                     if mark is not None and mark in self._pending[device]:
                         # Nothing usable until the lowest hand-off settles.
