@@ -234,10 +234,15 @@ class TcpSession(Session, asyncio.Protocol):
 
     def _command_done(self, task: asyncio.Task[Any]) -> None:
         self.waiting = False
+        self._handle_held()
+        self._resume_reading()
+
+    def _handle_held(self) -> None:
+        """Handle the frames read while the session was held back, in order (any that
+        are held back again wait in ``held`` once more)."""
         held, self.held = self.held, None
         if held:
             self._handle(held)
-        self._resume_reading()
 
     def _bad_frame(self, err: FrameError) -> None:
         if self.node is None:
@@ -381,9 +386,7 @@ class TcpSession(Session, asyncio.Protocol):
             self.out[:0] = head
             self.mark_dirty()
         self.logging_in = False
-        held, self.held = self.held, None
-        if held:
-            self._handle(held)
+        self._handle_held()
         self._resume_reading()
 
     def _login_timed_out(self) -> None:
@@ -423,8 +426,7 @@ class TcpSession(Session, asyncio.Protocol):
     def _release_held(self) -> None:
         if self.input_holds or self.waiting or self.logging_in or not self.held:
             return  # held back again meanwhile (or gone): released at that resume
-        held, self.held = self.held, None
-        self._handle(held)
+        self._handle_held()
 
     # -- Session: what the core emits -------------------------------------------------
     def emit_message(self, env: Envelope) -> None:
