@@ -1,5 +1,7 @@
 # The whole developer workflow: `make run`, `make test`, `make lint`.
-PYTHON ?= python3
+# PYTHON: the interpreter the venv is made with. Unset, scripts/pick-python.sh takes the
+# fastest Python 3.11+ here (an optimised build runs the gateway ~20 % faster).
+PYTHON ?=
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -7,8 +9,9 @@ STAMP  := $(VENV)/.installed
 .PHONY: run test lint fmt services cluster cluster-stop clean
 
 $(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (set PYTHON=...)")'
-	$(PYTHON) -m venv $(VENV)
+	@py="$(PYTHON)"; [ -n "$$py" ] || py=$$(bash scripts/pick-python.sh) || exit 1; \
+	$$py -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (set PYTHON=...)")' && \
+	echo "$$py -m venv $(VENV)" && $$py -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)

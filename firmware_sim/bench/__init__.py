@@ -83,6 +83,9 @@ def machine() -> dict[str, Any]:
         "nproc": os.cpu_count(),
         "cpu": model or platform.processor(),
         "python": platform.python_version(),
+        # Which build: the same version differs by ~20 % with PGO/LTO or without
+        # (scripts/pick-python.sh).
+        "python_executable": os.path.realpath(sys.executable),
         "platform": platform.platform(),
     }
 
@@ -409,7 +412,10 @@ def table(report: dict[str, Any]) -> str:
         f"amqtt QoS 1 {_fmt(rt['mqtt_vs_amqtt_qos1'])} (goal >= 0.75)"
     )
     m = report["machine"]
-    lines.append(f"machine: {m['nproc']} CPUs, {m['cpu']}, Python {m['python']}")
+    lines.append(
+        f"machine: {m['nproc']} CPUs, {m['cpu']}, Python {m['python']} "
+        f"({m.get('python_executable', '?')})"
+    )
     return "\n".join(lines)
 
 

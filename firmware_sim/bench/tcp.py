@@ -141,9 +141,11 @@ class _Sender(_Client):
         for f in frames:
             if f.startswith(_ACCEPTED):
                 self.receipts += 1
+                self.run.receipts += 1
             elif f.startswith(_ERROR):
                 self.errors += 1
                 self.receipts += 1
+                self.run.receipts += 1
         if not self.run.rate:
             self.pump()
         self.run.check()
@@ -184,6 +186,7 @@ class _Receiver(_Client):
                 continue
             seen[i] = 1
             self.delivered += 1
+            self.run.delivered += 1
             lat.append(now - sender.sent_at[i])
         if ids and self.transport is not None:
             me = self.device_id
@@ -208,11 +211,17 @@ class _Run:
         # Message ids are this tag + a counter: deliveries of another run's messages
         # (same devices) are told apart instead of counted as this run's.
         self.tag = f"{secrets.token_hex(3)}."
+        # Totals of the receivers' deliveries and the senders' receipts: check() runs
+        # after every read and looks at each client only once these reach count.
+        self.delivered = 0
+        self.receipts = 0
         self.senders: list[_Sender] = []
         self.receivers: list[_Receiver] = []
         self.done = asyncio.Event()
 
     def check(self) -> None:
+        if self.delivered < self.count or self.receipts < self.count:
+            return
         if all(r.delivered == r.seen.__len__() for r in self.receivers) and all(
             s.receipts == s.n for s in self.senders
         ):
