@@ -56,7 +56,7 @@ from device_adapters.serial.framing import (
 )
 from device_adapters.serial.port import OPEN_ERRORS, SerialPort
 from device_adapters.tcp.framing import FrameDecoder, encode_frame
-from firmware_sim.bundle import Bundle, load_bundle, parse_bundle
+from firmware_sim.bundle import Bundle
 from firmware_sim.tcp_device import (
     CLOSED,
     CONNECT_FAILED,
@@ -237,16 +237,9 @@ class SerialDevice(TcpDevice):
         """A device from its provisioning bundle (a Bundle, its decoded JSON or its
         path) on serial port ``port``; the bundle's addresses are not used. ``e2e=True``
         seals and opens with the bundle's private key (the adapter forwards frames as
-        they are, so end-to-end sealing works through it unchanged)."""
-        if isinstance(bundle, str | Path):
-            bundle = load_bundle(bundle)
-        elif not isinstance(bundle, Bundle):
-            bundle = parse_bundle(bundle)
-        if e2e:
-            key = bundle.raw.get("private_key")
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"bundle of {bundle.id!r} has no private_key: register again")
-            kwargs["private_key"] = key
+        they are, so end-to-end sealing works through it unchanged). A bundle with a
+        ``psk`` (gateway-terminated device) always uses it, as TcpDevice.from_bundle."""
+        bundle = cls._read_bundle(bundle, e2e, kwargs)
         kwargs.pop("gateway", None)
         kwargs.pop("msg_server", None)
         return cls(bundle.id, bundle.token, port, **kwargs)

@@ -6,6 +6,7 @@ gets what was sent to it meanwhile; the upstream going away is survived."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -99,6 +100,48 @@ async def test_serial_and_tcp_devices_exchange_p2p_and_topic_messages(
     assert stats["frames_in"] >= 34 and stats["frames_out"] >= 34
     # (A second login happens when the adapter's PORT_OPENED crosses the first one.)
     assert stats["reopens"] == 0 and stats["logins"] in (1, 2)
+
+
+async def test_serial_device_from_a_psk_bundle_seals_on_the_wire(
+    serial_server: ServerProcess, cable: Cable, adapter_factory: AdapterFactory, uid: str
+) -> None:
+    """A microcontroller registered ``--psk`` (gateway-terminated): SerialDevice.from_bundle
+    takes the bundle's key, the text never crosses the serial line in the clear either
+    way, and the TCP device at the other end reads it as sent."""
+    s_id, t_id = f"{uid}-sp", f"{uid}-tp"
+    out = json.loads(serial_server.cli("device", "register", s_id, "--psk", "--json").stdout)
+    tokens = serial_server.register_many([t_id])
+    on_wire: dict[str, bytearray] = {"to_adapter": bytearray(), "to_device": bytearray()}
+
+    def tap(direction: str) -> Callable[[bytes], bytes]:
+        def keep(data: bytes) -> bytes:
+            on_wire[direction] += data
+            return data
+
+        return keep
+
+    for direction in on_wire:
+        cable.filter(direction, tap(direction))
+    await adapter_factory(
+        serial_settings({"url": cable.adapter_url, "msg_server": serial_server.msg_server})
+    )
+    sdev = SerialDevice.from_bundle(
+        out["bundle"], port=cable.device_path, backoff_max=0.3, connect_timeout=5.0
+    )
+    assert sdev.psk is not None
+    async with sdev, _tcp(serial_server, t_id, tokens[t_id]) as tdev:
+        msg_id = await sdev.send(t_id, "sealed on the UART")
+        got = await tdev.receive(5)
+        assert (got.sender, got.id, got.text) == (s_id, msg_id, "sealed on the UART")
+
+        reply_id = await tdev.send(s_id, "sealed back to the UART")
+        got = await sdev.receive(5)
+        assert (got.sender, got.id, got.text) == (t_id, reply_id, "sealed back to the UART")
+    for direction in on_wire:
+        cable.filter(direction, None)
+    assert b"sealed on the UART" not in on_wire["to_adapter"]
+    assert b"sealed back to the UART" not in on_wire["to_device"]
+    assert len(on_wire["to_adapter"]) > 0 and len(on_wire["to_device"]) > 0
 
 
 async def test_bad_frames_are_nacked_counted_and_dropped_while_the_port_keeps_working(
