@@ -43,8 +43,8 @@ def _rates(value: str) -> list[float]:
 def cmd_bench(args: argparse.Namespace) -> int:
     from firmware_sim.bench import BenchConfig, run_bench, table
 
-    if args.count < 1 or args.payload < 1 or args.pairs < 1 or args.batch < 1:
-        raise CliError("--count, --payload, --pairs and --batch must be 1 or more")
+    if min(args.count, args.payload, args.pairs, args.batch, args.repeat) < 1:
+        raise CliError("--count, --payload, --pairs, --batch and --repeat must be 1 or more")
     systems = tuple(args.only.split(",")) if args.only else SYSTEMS
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
@@ -61,6 +61,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         profile=args.profile or "",
         latency_seconds=args.paced,
         rates=args.rates,
+        repeat=args.repeat,
     )
     t0 = time.monotonic()
 
@@ -128,6 +129,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="R[,R]",
         help="more paced TCP runs at these msgs/s (a latency sweep: where it turns)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        metavar="N",
+        help="runs of the gateway's TCP and of Mosquitto, which last under a second: the "
+        "median is reported, every run listed (default 3)",
     )
     p.add_argument(
         "--profile",

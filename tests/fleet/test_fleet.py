@@ -94,7 +94,8 @@ def test_bench_tiny(up_server: ServerProcess) -> None:
     proc = up_server.cli(
         "bench",
         *("--count", "300", "--pairs", "3", "--batch", "10", "--idle", "20"),
-        *("--timeout", "20", "--paced", "0.2", "--rates", "2000", "--json", "--quiet"),
+        *("--timeout", "20", "--paced", "0.2", "--rates", "2000", "--repeat", "2"),
+        *("--json", "--quiet"),
     )
     doc = json.loads(proc.stdout)
     systems = {r["system"]: r for r in doc["results"]}
@@ -106,6 +107,11 @@ def test_bench_tiny(up_server: ServerProcess) -> None:
         assert row["cpu_s_per_1000"] is not None
         assert set(row["idle_kib"]) == {"20"}
     assert systems["gateway-tcp"]["refused"] == 0
+    # --repeat: the TCP run twice, the lower of the two reported, both listed.
+    runs = systems["gateway-tcp"]["runs"]
+    assert len(runs) == 2 and all(r["delivered"] == 300 and r["lost"] == 0 for r in runs)
+    assert systems["gateway-tcp"]["msgs_per_s"] == min(r["msgs_per_s"] for r in runs)
+    assert doc["config"]["repeat"] == 2
     paced = systems["gateway-tcp"]["paced"]
     assert paced[0]["rate"] == 1000 and all(p["count"] > 0 for p in paced)
     assert 2000 in [p["rate"] for p in paced]  # --rates adds to the sweep
