@@ -308,9 +308,7 @@ async def p2p(
                 async with asyncio.timeout(0.2):
                     await run.done.wait()
             now = time.perf_counter()
-            progress = sum(r.delivered for r in run.receivers) + sum(
-                s.receipts for s in run.senders
-            )
+            progress = run.delivered + run.receipts
             if progress != last:
                 last, moved = progress, now
             if now > deadline or now - moved > 5.0:  # stalled: the rest is lost
@@ -322,10 +320,9 @@ async def p2p(
         for c in clients:
             if c.transport is not None:
                 c.transport.close()
-    delivered = sum(r.delivered for r in run.receivers)
     return {
-        "delivered": delivered,
-        "receipts": sum(s.receipts for s in run.senders),
+        "delivered": run.delivered,
+        "receipts": run.receipts,
         "refused": sum(s.errors for s in run.senders),
         "duplicates": sum(r.duplicates for r in run.receivers),
         "stale": sum(r.stale for r in run.receivers),
