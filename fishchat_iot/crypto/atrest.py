@@ -44,21 +44,15 @@ KEY_MODE = 0o600
 
 def load_server_key(path: str | Path) -> bytes:
     """The server key in ``path``, created (mode 0600, never over an existing file) when
-    there is none. CryptoError when the file is unusable or readable by others."""
+    there is none. CryptoError when the file is unusable or readable by others.
+
+    Roles of one cluster may start at once on one data directory, so creation is atomic:
+    the key is written and synced in a private temporary file, which is then hard-linked
+    to ``path`` (a link never replaces an existing file). Whoever links first wins; every
+    reader sees either no file or the whole key, never a file still being written."""
     p = Path(path)
-    try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(p, flags, KEY_MODE)
-    except FileExistsError:
-        pass
-    else:
-        try:
-            os.fchmod(fd, KEY_MODE)
-            os.write(fd, (b64e(os.urandom(KEY_LEN)) + "\n").encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        log.debug("created the server key %s (mode 0600)", p)
+    if not p.exists():
+        _create_server_key(p)
     mode = p.stat().st_mode & 0o777
     if mode & 0o077:
         raise CryptoError(f"server key {p} has mode {mode:o}: it must be 0600 (chmod 600 {p})")
@@ -69,6 +63,26 @@ def load_server_key(path: str | Path) -> bytes:
     if len(key) != KEY_LEN:
         raise CryptoError(f"server key {p} does not hold 32 bytes")
     return key
+
+
+def _create_server_key(p: Path) -> None:
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, KEY_MODE)
+    try:
+        try:
+            os.fchmod(fd, KEY_MODE)
+            os.write(fd, (b64e(os.urandom(KEY_LEN)) + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, p)
+        except FileExistsError:
+            return  # another process created it first: its key is the key
+        log.debug("created the server key %s (mode 0600)", p)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class AtRest:

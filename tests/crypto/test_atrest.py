@@ -6,6 +6,7 @@ sent."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import sqlite3
 import stat
@@ -51,6 +52,68 @@ def test_at_rest_round_trip_and_tamper(tmp_path: Path) -> None:
     os.chmod(tmp_path / "server.key", 0o644)
     with pytest.raises(CryptoError):
         load_server_key(tmp_path / "server.key")
+
+
+def _race_for_the_key(path: str, start: Any, out: Any) -> None:
+    start.wait()
+    try:
+        out.put(load_server_key(path).hex())
+    except CryptoError as e:
+        out.put(f"error: {e}")
+
+
+def test_roles_starting_together_all_get_the_same_key(tmp_path: Path) -> None:
+    """Roles of one cluster start at once on one data directory: one key wins, and
+    every role reads that one."""
+    ctx = multiprocessing.get_context("fork")
+    racers = 8
+    for attempt in range(15):
+        path = str(tmp_path / f"{attempt}" / "server.key")
+        os.makedirs(os.path.dirname(path))
+        start, out = ctx.Barrier(racers), ctx.Queue()
+        procs = [
+            ctx.Process(target=_race_for_the_key, args=(path, start, out)) for _ in range(racers)
+        ]
+        for proc in procs:
+            proc.start()
+        keys = [out.get(timeout=30) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=30)
+        assert keys == [load_server_key(path).hex()] * racers, keys
+        assert os.listdir(os.path.dirname(path)) == ["server.key"]  # no temporary left
+
+
+def _read_each_key_as_soon_as_it_appears(folder: str, count: int, out: Any) -> None:
+    unusable = []
+    for i in range(count):
+        path = os.path.join(folder, f"{i}.key")
+        while not os.path.exists(path):
+            pass
+        try:
+            load_server_key(path)
+        except CryptoError as e:
+            unusable.append(str(e))
+    out.put(unusable)
+
+
+def test_a_key_being_created_is_never_read_half_written(tmp_path: Path) -> None:
+    """The CI failure of 2026-11-27: a router read ``server.key`` while another role was
+    still writing it ("does not hold 32 bytes"). A reader spinning on each new key's path
+    reads it the moment it appears; the old create-then-write code failed 6-16 of 3,000."""
+    ctx = multiprocessing.get_context("fork")
+    count, out = 3000, ctx.Queue()
+    reader = ctx.Process(
+        target=_read_each_key_as_soon_as_it_appears, args=(str(tmp_path), count, out)
+    )
+    reader.start()
+    try:
+        for i in range(count):
+            load_server_key(tmp_path / f"{i}.key")
+        assert out.get(timeout=60) == []
+    finally:
+        reader.join(timeout=10)
+        if reader.is_alive():
+            reader.kill()
 
 
 async def test_v1_and_plaintext_bodies_are_sealed_in_the_queue(
