@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import ssl
-from pathlib import Path
 from typing import Any, Protocol
 
 from device_adapters.tcp.gateway import GatewayConnection
@@ -32,6 +31,7 @@ from fishchat_iot.backends import (
 )
 from fishchat_iot.config import Settings
 from fishchat_iot.crypto.atrest import AtRest, SealedStore, load_server_key
+from fishchat_iot.files import PUBLIC, write_atomic
 from fishchat_iot.roles.gateway import Gateway
 from fishchat_iot.roles.manager import Manager, now_ms
 from fishchat_iot.roles.msg_server import MsgServer
@@ -290,13 +290,7 @@ class EmbeddedApp:
         path = self.settings.data_dir / STATUS_FILE
         while True:
             try:
-                await asyncio.to_thread(_write_atomic, path, json.dumps(self.status()))
+                await asyncio.to_thread(write_atomic, path, json.dumps(self.status()), PUBLIC)
             except OSError as exc:
                 log.warning("cannot write %s: %s", path, exc)
             await asyncio.sleep(STATUS_PERIOD)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

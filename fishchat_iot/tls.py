@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fishchat_iot.files import PRIVATE, PUBLIC, write_atomic
 
 CA_DAYS = 3650
 CERT_DAYS = 825
@@ -50,15 +51,6 @@ def paths(certs_dir: Path, cert: str = "", key: str = "", ca: str = "") -> TlsPa
         key=Path(key) if key else certs_dir / "server.key",
         devices=certs_dir / "devices",
     )
-
-
-def _write(path: Path, data: bytes, secret: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -107,8 +99,8 @@ def create_ca(p: TlsPaths, name: str = "FishChat IoT CA", days: int = CA_DAYS) -
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write(p.ca_key, _key_pem(key), secret=True)
-    _write(p.ca_cert, _cert_pem(cert), secret=False)
+    write_atomic(p.ca_key, _key_pem(key), PRIVATE, sync=True)
+    write_atomic(p.ca_cert, _cert_pem(cert), PUBLIC, sync=True)
     return cert
 
 
@@ -172,8 +164,8 @@ def issue(
 def write_pair(
     cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, cert_path: Path, key_path: Path
 ) -> None:
-    _write(key_path, _key_pem(key), secret=True)
-    _write(cert_path, _cert_pem(cert), secret=False)
+    write_atomic(key_path, _key_pem(key), PRIVATE, sync=True)
+    write_atomic(cert_path, _cert_pem(cert), PUBLIC, sync=True)
 
 
 def server_context(p: TlsPaths) -> ssl.SSLContext:

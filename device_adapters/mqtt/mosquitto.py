@@ -132,19 +132,3 @@ def password_text(tokens: dict[str, str], gateways: dict[str, str], iterations: 
     lines = [f"{user}:{hash_password(pw, iterations)}" for user, pw in sorted(gateways.items())]
     lines += [f"{dev}:{hash_password(tok, iterations)}" for dev, tok in sorted(tokens.items())]
     return "\n".join(lines) + "\n"
-
-
-def write_private(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file renamed over it), with
-    ``mode`` from the first byte: the password file holds hashes of device tokens."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -19,6 +19,7 @@ from fishchat_iot.cli.context import run_with_store, settings_from_args
 from fishchat_iot.cli.output import EXIT_OK, CliError, print_json
 from fishchat_iot.cli.send import bundle_path, check_address, running_server
 from fishchat_iot.config import Settings
+from fishchat_iot.files import PUBLIC, write_atomic
 from fishchat_iot.stores.base import Store
 
 
@@ -76,11 +77,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     passwd, acl = out / "passwd", out / "acl"
     try:
-        mosquitto.write_private(
+        write_atomic(
             passwd,
             mosquitto.password_text(found.tokens, dict.fromkeys(users, password), args.iterations),
         )
-        mosquitto.write_private(acl, mosquitto.acl_text(users), 0o644)
+        write_atomic(acl, mosquitto.acl_text(users), PUBLIC)
     except OSError as exc:
         raise CliError(
             f"cannot write to {out}: {(exc.strerror or str(exc)).lower()}: choose another --out"

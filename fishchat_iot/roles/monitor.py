@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from fishchat_iot import __version__, errors
 from fishchat_iot.bus.base import BusUnavailable, NodeInfo
 from fishchat_iot.config import Settings
+from fishchat_iot.files import write_atomic
 from fishchat_iot.roles.manager import now_ms
 from fishchat_iot.roles.monitor_http import (
     HttpServer,
@@ -95,21 +96,8 @@ def read_operators(path: Path) -> dict[str, dict[str, Any]]:
     return {str(k): v for k, v in ops.items() if isinstance(v, dict)} if ops else {}
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, readable by the owner only (0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def write_operators(path: Path, ops: dict[str, dict[str, Any]]) -> None:
-    write_private(path, json.dumps({"operators": ops}, indent=1, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps({"operators": ops}, indent=1, sort_keys=True) + "\n", sync=True)
 
 
 class _Operators:
@@ -458,7 +446,7 @@ class Monitor:
         except BaseException:
             await self.http.stop()
             raise
-        write_private(self.data_dir / LOCAL_TOKEN_FILE, self.local_token + "\n")
+        write_atomic(self.data_dir / LOCAL_TOKEN_FILE, self.local_token + "\n")
         logging.getLogger().addHandler(self._log_handler)
         await self.source.start(self)
         self._tick = asyncio.get_running_loop().create_future()

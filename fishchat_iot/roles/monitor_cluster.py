@@ -34,6 +34,7 @@ from fishchat_iot.backends import (
 )
 from fishchat_iot.bus.base import Bus, BusUnavailable, NodeInfo
 from fishchat_iot.config import Settings
+from fishchat_iot.files import PUBLIC, write_atomic
 from fishchat_iot.roles.manager import now_ms
 from fishchat_iot.roles.monitor import (
     QUEUE_PERIOD,
@@ -624,11 +625,9 @@ class MonitorNode(RoleNode):
             log.warning("cannot write %s: %s", STATUS_FILE, exc)
 
     def _write_status(self) -> None:
-        path = self.settings.data_dir / STATUS_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{STATUS_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.source.status_base()))
-        os.replace(tmp, path)
+        write_atomic(
+            self.settings.data_dir / STATUS_FILE, json.dumps(self.source.status_base()), PUBLIC
+        )
 
     async def _stop(self) -> None:
         await self.monitor.stop()
