@@ -18,8 +18,9 @@ PUBLIC = 0o644
 def write_atomic(path: Path, data: str | bytes, mode: int = PRIVATE, sync: bool = False) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory that is
     renamed over it. The temporary's name is unique to the call, so writers in other
-    processes or threads never share one. ``sync``: on disk before the rename (keys and
-    certificates; not the status snapshots rewritten every second)."""
+    processes or threads never share one. ``sync``: on disk before the rename, and the
+    rename on disk after it (keys, certificates, operators; not the status snapshots
+    rewritten every second)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     raw = data.encode("utf-8") if isinstance(data, str) else data
@@ -38,3 +39,15 @@ def write_atomic(path: Path, data: str | bytes, mode: int = PRIVATE, sync: bool 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if sync:
+        sync_dir(path.parent)
+
+
+def sync_dir(folder: Path) -> None:
+    """Make a rename or link in ``folder`` durable: without it a crash can leave the
+    directory entry behind although the file's bytes were synced."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

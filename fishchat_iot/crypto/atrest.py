@@ -31,6 +31,7 @@ from fishchat_iot.crypto.seal import (
     header_bytes,
     str_field,
 )
+from fishchat_iot.files import sync_dir
 from fishchat_iot.stores.base import Enqueued, Store
 
 log = logging.getLogger("fishchat.crypto")
@@ -80,6 +81,9 @@ def _create_server_key(p: Path) -> None:
             os.link(tmp, p)
         except FileExistsError:
             return  # another process created it first: its key is the key
+        # Durable before anything is sealed under it: a key lost in a crash would leave
+        # every queued body sealed under it unreadable.
+        sync_dir(p.parent)
         log.debug("created the server key %s (mode 0600)", p)
     finally:
         tmp.unlink(missing_ok=True)
