@@ -667,6 +667,25 @@ class SqliteStore(Store):
             self._resolve(outcomes)
 
     def _connect(self) -> sqlite3.Connection:
+        """Open the file and its schema (in the worker thread). Processes opening one new
+        file at once (``up`` and CLI commands started together) can find it locked
+        although the busy timeout is set: switching a new file to WAL upgrades a shared
+        lock, and SQLite answers a second upgrader at once with "database is locked"
+        instead of waiting (it would deadlock). Such an open is tried again, for as long
+        as the busy timeout, before it fails."""
+        deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+        delay = 0.01
+        while True:
+            try:
+                return self._connect_once()
+            except sqlite3.OperationalError as exc:
+                text = str(exc)
+                if ("locked" not in text and "busy" not in text) or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)  # the worker thread, never the event loop
+            delay = min(delay * 2, 0.2)
+
+    def _connect_once(self) -> sqlite3.Connection:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are ours (BEGIN/COMMIT per batch), not the
         # sqlite3 module's implicit ones. Only the worker thread ever touches it.

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fishchat_iot.core.envelope import Envelope
+from fishchat_iot.stores import sqlite as sqlite_module
 from fishchat_iot.stores.base import DeviceRecord, Enqueued, StoreUnavailable, TopicRecord
 from fishchat_iot.stores.sqlite import SCHEMA_VERSION, SqliteStore
 
@@ -269,3 +272,90 @@ async def test_concurrent_opens_both_wait_for_the_schema(db_path: Path) -> None:
         assert [d.id for d in await store.list_devices()] == ["d1"]
     finally:
         await store.close()
+
+
+def _open_and_register(path: str, name: str, start: Any, out: Any) -> None:
+    async def work() -> None:
+        async with opened(Path(path)) as store:
+            await store.add_device(device(name))
+
+    start.wait()
+    try:
+        asyncio.run(work())
+        out.put("ok")
+    except StoreUnavailable as exc:
+        out.put(f"{exc} ({exc.__cause__!r})")
+
+
+def test_processes_creating_one_new_file_at_once_all_open_it(tmp_path: Path) -> None:
+    """`device register` twice at once on a new data directory (the tests' register_many,
+    and an operator's script): both processes create the file, and neither may be told
+    it is locked. (Under load, one was: switching a new file to WAL upgrades a lock, and
+    SQLite refuses a second upgrader at once instead of waiting.)"""
+    ctx = multiprocessing.get_context("fork")
+    racers = 6
+    for attempt in range(10):
+        path = str(tmp_path / f"{attempt}" / "fishchat.db")
+        start, out = ctx.Barrier(racers), ctx.Queue()
+        procs = [
+            ctx.Process(target=_open_and_register, args=(path, f"d{i}", start, out))
+            for i in range(racers)
+        ]
+        for proc in procs:
+            proc.start()
+        results = [out.get(timeout=60) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=30)
+        assert results == ["ok"] * racers
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT count(*) FROM devices").fetchone()[0] == racers
+
+
+def refuse_opens(
+    monkeypatch: pytest.MonkeyPatch, times: int, text: str = "database is locked"
+) -> list[int]:
+    """SQLite's answer to a second process upgrading its lock on a new file, given
+    ``times`` times before the real open (it cannot be provoked on demand). Returns the
+    count of opens tried, in a one-item list."""
+    calls = [0]
+    real = SqliteStore._connect_once
+
+    def connect_once(store: SqliteStore) -> sqlite3.Connection:
+        calls[0] += 1
+        if calls[0] <= times:
+            raise sqlite3.OperationalError(text)
+        return real(store)
+
+    monkeypatch.setattr(SqliteStore, "_connect_once", connect_once)
+    return calls
+
+
+async def test_an_open_refused_as_locked_is_tried_again(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = refuse_opens(monkeypatch, times=3)
+    async with opened(db_path) as store:
+        await store.add_device(device("d1"))
+        assert [d.id for d in await store.list_devices()] == ["d1"]
+    assert calls == [4]
+
+
+async def test_an_open_locked_for_longer_than_the_busy_timeout_fails(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "_BUSY_TIMEOUT_MS", 300)
+    calls = refuse_opens(monkeypatch, times=10**6)
+    store = SqliteStore(db_path)
+    with pytest.raises(StoreUnavailable, match="database is locked"):
+        await store.open()
+    assert 2 <= calls[0] < 100  # tried again with a growing pause, then gave up
+
+
+async def test_other_open_errors_are_not_tried_again(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = refuse_opens(monkeypatch, times=1, text="disk I/O error")
+    store = SqliteStore(db_path)
+    with pytest.raises(StoreUnavailable, match="disk I/O error"):
+        await store.open()
+    assert calls == [1]
