@@ -64,6 +64,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from fishchat_iot.bus.base import Bus, BusUnavailable, InboxHandler, NodeInfo
 from fishchat_iot.core.envelope import Envelope
+from fishchat_iot.core.tasks import cancel_and_wait
 
 __all__ = ["BusUnavailable", "RedisBus"]
 
@@ -140,26 +141,6 @@ def _is_outage(exc: BaseException) -> bool:
         return True
     # A restarting server answers LOADING until its data is back.
     return isinstance(exc, ResponseError) and str(exc).startswith("LOADING")
-
-
-async def _cancel(tasks: Sequence[asyncio.Task[None]]) -> None:
-    """Cancel and wait. Cancel again while a task runs on: on Python 3.11 a cancel that
-    lands as a read's timeout expires can be swallowed (the read raises TimeoutError
-    instead, which a retry loop takes for an outage)."""
-    pending = [t for t in tasks if not t.done()]
-    for _ in range(50):
-        if not pending:
-            break
-        for task in pending:
-            task.cancel()
-        await asyncio.wait(pending, timeout=0.2)
-        pending = [t for t in pending if not t.done()]
-    if pending:
-        log.error("Redis bus: tasks would not stop: %s", [t.get_name() for t in pending])
-    for task in tasks:
-        if task.done() and not task.cancelled():
-            with contextlib.suppress(BaseException):
-                task.result()
 
 
 class _Outage:
@@ -281,7 +262,7 @@ class RedisBus(Bus):
         self._inboxes.clear()
         self._tasks.clear()
         self._events_task = None
-        await _cancel(tasks)
+        await cancel_and_wait(tasks, log, "Redis bus")
         redis, self._redis = self._redis, None
         self._owned.clear()
         if redis is not None:
@@ -320,7 +301,7 @@ class RedisBus(Bus):
         its inbox still holds entries, which ``dead_nodes``/``claim_inbox`` then find."""
         reader = self._inboxes.pop(self._inbox_key(node_id), None)
         if reader is not None:  # this process stops reading it first
-            await _cancel([reader])
+            await cancel_and_wait([reader], log, "Redis bus")
         r = self._r()
         await self._call("remove_node", r.delete(self._alive_key(node_id)))
         if await self._call("remove_node", r.xlen(self._inbox_key(node_id))) == 0:
@@ -469,7 +450,7 @@ class RedisBus(Bus):
         await self._ensure_group(stream)
         old = self._inboxes.pop(stream, None)
         if old is not None:
-            await _cancel([old])
+            await cancel_and_wait([old], log, "Redis bus")
         task = asyncio.get_running_loop().create_task(
             self._inbox_loop(stream, consumer, label, handler), name=f"redis-{label}"
         )
@@ -595,7 +576,7 @@ class RedisBus(Bus):
                         log.error("%s: %s", label, exc)
                         await asyncio.sleep(self._backoff_max)
         finally:
-            await _cancel(list(running))
+            await cancel_and_wait(list(running), log, "Redis bus")
 
     async def _deliver_in_slot(
         self,

@@ -8,11 +8,11 @@ another node) and after this process's own registry writes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Literal, TypeVar
 
+from fishchat_iot.core.tasks import cancel_and_wait
 from fishchat_iot.stores.base import DeviceRecord, Store, TopicRecord
 
 log = logging.getLogger("fishchat.manager")
@@ -66,13 +66,7 @@ class Manager:
         self._tasks.add(asyncio.create_task(self._housekeeping(), name="manager-housekeeping"))
 
     async def stop(self) -> None:
-        # Copy: a finished task removes itself from the set while we wait on it.
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks, log, "manager")
         self._tasks.clear()
 
     # -- cache -----------------------------------------------------------------

@@ -31,7 +31,7 @@ from fishchat_iot.core.batcher import Batcher
 from fishchat_iot.core.envelope import KIND_P2P, KIND_POKE, KIND_TOPIC, Envelope
 from fishchat_iot.core.receipt import AckWait, Receipt
 from fishchat_iot.core.session import LIVE, NO_INFLIGHT, Mode, Session
-from fishchat_iot.core.tasks import spawn_owned
+from fishchat_iot.core.tasks import cancel_and_wait, spawn_owned
 from fishchat_iot.crypto.gateway import ENC_PSK, PskKeys, open_from_device
 from fishchat_iot.crypto.seal import CryptoError
 from fishchat_iot.ids import IdGenerator, OrderKeys
@@ -168,11 +168,7 @@ class MsgServer:
             if task.get_name().startswith(("hand-off", "send")):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.shield(task), 10)
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(self._tasks, log, f"msg_server {self.node_id}")
         with contextlib.suppress(Exception):
             await self.bus.remove_node(self.node_id)
 

@@ -15,7 +15,7 @@ from typing import Any
 from fishchat_iot.backends import describe_bus, make_bus, open_with_retry
 from fishchat_iot.bus.base import Bus, BusUnavailable, NodeInfo
 from fishchat_iot.config import Settings
-from fishchat_iot.core.tasks import spawn_owned
+from fishchat_iot.core.tasks import cancel_and_wait, spawn_owned
 from fishchat_iot.roles.manager import now_ms
 
 log = logging.getLogger("fishchat.node")
@@ -55,11 +55,7 @@ class RoleNode:
         self._address = value
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(self._tasks, log, f"{self.role} {self.node_id}")
         self._tasks.clear()
         await self._stop()
         with contextlib.suppress(Exception):
