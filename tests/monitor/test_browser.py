@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# A plain import, never importorskip: playwright is a dev dependency (make test installs
+# it), and a browser test skipped for want of it would prove nothing.
+from playwright import async_api as playwright_api
 from support.waiting import eventually
 
 from firmware_sim.tcp_device import TcpDevice
@@ -24,8 +28,6 @@ from fishchat_iot.stores.base import DeviceRecord
 from fishchat_iot.stores.sqlite import SqliteStore
 
 from .conftest import Monitored, add_operator
-
-playwright_api = pytest.importorskip("playwright.async_api")
 
 CHROMIUM = os.environ.get("FISHCHAT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
