@@ -31,7 +31,7 @@ from fishchat_iot.crypto.seal import (
     header_bytes,
     str_field,
 )
-from fishchat_iot.files import sync_dir
+from fishchat_iot.files import create_once
 from fishchat_iot.stores.base import Enqueued, Store
 
 log = logging.getLogger("fishchat.crypto")
@@ -52,8 +52,10 @@ def load_server_key(path: str | Path) -> bytes:
     to ``path`` (a link never replaces an existing file). Whoever links first wins; every
     reader sees either no file or the whole key, never a file still being written."""
     p = Path(path)
-    if not p.exists():
-        _create_server_key(p)
+    # Durable before anything is sealed under it: a key lost in a crash would leave
+    # every queued body sealed under it unreadable.
+    if not p.exists() and create_once(p, b64e(os.urandom(KEY_LEN)) + "\n", KEY_MODE):
+        log.debug("created the server key %s (mode 0600)", p)
     mode = p.stat().st_mode & 0o777
     if mode & 0o077:
         raise CryptoError(f"server key {p} has mode {mode:o}: it must be 0600 (chmod 600 {p})")
@@ -64,29 +66,6 @@ def load_server_key(path: str | Path) -> bytes:
     if len(key) != KEY_LEN:
         raise CryptoError(f"server key {p} does not hold 32 bytes")
     return key
-
-
-def _create_server_key(p: Path) -> None:
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(tmp, flags, KEY_MODE)
-    try:
-        try:
-            os.fchmod(fd, KEY_MODE)
-            os.write(fd, (b64e(os.urandom(KEY_LEN)) + "\n").encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, p)
-        except FileExistsError:
-            return  # another process created it first: its key is the key
-        # Durable before anything is sealed under it: a key lost in a crash would leave
-        # every queued body sealed under it unreadable.
-        sync_dir(p.parent)
-        log.debug("created the server key %s (mode 0600)", p)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class AtRest:
