@@ -72,6 +72,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
 from fishchat_iot.core.envelope import Envelope
+from fishchat_iot.core.tasks import cancel_and_wait
 from fishchat_iot.stores.base import (
     NO_META,
     AlreadyExists,
@@ -179,11 +180,8 @@ class MongoStore(Store):
     async def close(self) -> None:
         async with self._open_lock:
             task, self._poll_task = self._poll_task, None
-            # Cancel until it ends: a cancel landing as a driver timeout expires can be
-            # swallowed on Python 3.11.
-            while task is not None and not task.done():
-                task.cancel()
-                await asyncio.wait([task], timeout=0.2)
+            if task is not None:  # cancelled until it ends (a driver call may swallow one)
+                await cancel_and_wait([task], log, "MongoDB store")
             client, self._client, self._db = self._client, None, None
             if client is not None:
                 await client.close()
