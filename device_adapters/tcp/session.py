@@ -29,7 +29,7 @@ from fishchat_iot.core.session import CLOSED, Session
 from fishchat_iot.crypto.gateway import for_last_hop
 from fishchat_iot.crypto.seal import CryptoError, parse_enc
 from fishchat_iot.limits import DeviceRate, host_of, limits_for
-from fishchat_iot.roles.msg_server import MsgServer, valid_name
+from fishchat_iot.roles.msg_server import MAX_ID_LEN, MsgServer, valid_name
 from fishchat_iot.stores.base import StoreUnavailable
 from fishchat_iot.tls import peer_cn
 
@@ -191,6 +191,15 @@ class TcpSession(Session, asyncio.Protocol):
         transport = self.transport
         commands = COMMANDS
         rated = self.rate is not None  # set at login, which a batch never spans
+        # The usual frame, a token session's SEND_MESSAGE_P2P [to, body, from, id] with
+        # its own id as from (or none) and a valid message id, takes a short lane: no
+        # table lookup or per-command checks, and the core's one-step live path
+        # (MsgServer.send_live) before its general one. Open while the session is
+        # logged in and its connection open; looked at again after any other frame.
+        lane = self._lane_open()
+        me = self.device_id
+        ts = self.batch_ms
+        server = self.server
         for i, item in enumerate(items):
             if self.logging_in or self.waiting or self.input_holds or self.held is not None:
                 # Bounded: reading is paused during login, while a command waits and
@@ -201,6 +210,21 @@ class TcpSession(Session, asyncio.Protocol):
                 else:
                     self.held.extend(items[i:])
                 return
+            if lane and type(item) is tuple and item[0] == "SEND_MESSAGE_P2P":
+                args = item[1]
+                if (
+                    len(args) == 4
+                    and (not args[2] or args[2] == me)
+                    and args[3]
+                    and len(args[3]) <= MAX_ID_LEN
+                ):
+                    if rated and not self._within_rate("SEND_MESSAGE_P2P", args):
+                        continue
+                    if not server.send_live(self, args[0], args[1], args[3], ts):
+                        server.send_p2p(self, args[0], args[1], args[3], ts=ts)
+                        lane = self._lane_open()
+                    continue
+            lane = False  # any other frame: the lane opens again after it
             if transport is None or transport.is_closing():
                 return
             if isinstance(item, FrameError):
@@ -231,6 +255,18 @@ class TcpSession(Session, asyncio.Protocol):
                 self.waiting = True
                 self._pause_reading()
                 task.add_done_callback(self._command_done)
+            lane = self._lane_open()
+
+    def _lane_open(self) -> bool:
+        """May the next frame take _dispatch's short lane?"""
+        t = self.transport
+        return (
+            self.node is not None
+            and self.mode is not CLOSED
+            and not self.v1
+            and t is not None
+            and not t.is_closing()
+        )
 
     def _command_done(self, task: asyncio.Task[Any]) -> None:
         self.waiting = False
@@ -430,7 +466,7 @@ class TcpSession(Session, asyncio.Protocol):
 
     # -- Session: what the core emits -------------------------------------------------
     def emit_message(self, env: Envelope) -> None:
-        if not self.v1:
+        if self.psk and not self.v1:  # a gateway-terminated device: sealed for it here
             env = for_last_hop(self, env)
         if env.kind == KIND_P2P and env.enc == "none" and not self.v1:
             # The usual delivery, by template (the same bytes as append_frame).
