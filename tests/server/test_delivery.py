@@ -12,6 +12,8 @@ from support.raw_client import (
     RawClient,
     assert_next_delivery_is_new,
     collect_receipts,
+    encode,
+    raw_frame,
     recv_deliveries,
 )
 from support.server import ServerFactory, ServerProcess
@@ -241,6 +243,61 @@ async def test_resend_of_the_same_id_is_accepted_and_delivered_once(
     assert list(dict.fromkeys(wire)) == ["dup-2", "after-2"], wire
     await b.ack(b_id, "dup-2", "after-2")
     await assert_next_delivery_is_new(a, b)
+
+
+async def test_one_read_mixing_usual_sends_with_every_other_case_is_served_in_order(
+    up_server: ServerProcess, uid: str, connect: Connect
+) -> None:
+    """The session's short lane for plain sends (MsgServer.send_live) and the general
+    path take turns within one read: each frame gets what it would get alone, in
+    order."""
+    a_id, b_id, off_id = f"{uid}-a", f"{uid}-b", f"{uid}-off"
+    tokens = up_server.register_many([a_id, b_id, off_id])
+    a = await connect(up_server.msg_server, a_id, tokens[a_id])
+    b = await connect(up_server.msg_server, b_id, tokens[b_id])
+
+    def send(mid: str, to: str = b_id, sender: str = a_id) -> bytes:
+        return encode("SEND_MESSAGE_P2P", to, f"body of {mid}", sender, mid)
+
+    await a.send_raw(
+        send("m1")
+        + send("m1")  # in flight already: accepted again, not delivered twice
+        + raw_frame(b'{"CmdName": "SEND_MESSAGE_P2P", "Args": [}')  # bad JSON
+        + send("m2")
+        + send("m3", sender="someone-else")  # the sender is the session's id anyway
+        + send("m4", to=off_id)  # offline: to the queue
+        + encode("SEND_MESSAGE_P2P", b_id, "server-chosen id", a_id, "")
+        + send("x" * 65)  # id too long
+        + send("m5")
+    )
+    replies = [await a.recv() for _ in range(9)]
+    # m4's receipt waits for the store; every other reply comes in the order sent.
+    assert Counter(f.args[0] for f in replies if f.cmd == "ACCEPTED")["m4"] == 1, replies
+    rest = [f for f in replies if f.args[0] != "m4"]
+    assert [(f.cmd, f.args[0]) for f in rest[:5]] == [
+        ("ACCEPTED", "m1"),
+        ("ACCEPTED", "m1"),
+        ("ERROR", "BAD_FRAME"),
+        ("ACCEPTED", "m2"),
+        ("ACCEPTED", "m3"),
+    ], replies
+    server_id = rest[5].args[0]
+    assert rest[5].cmd == "ACCEPTED" and server_id not in {"", "m4", "m5"}, replies
+    assert (rest[6].cmd, rest[6].args[0]) == ("ERROR", "BAD_ARGS"), replies
+    assert (rest[7].cmd, rest[7].args) == ("ACCEPTED", ["m5"]), replies
+
+    got = await recv_deliveries(b, 5)
+    assert [(g[2], g[0], g[1]) for g in got] == [
+        ("m1", "body of m1", a_id),
+        ("m2", "body of m2", a_id),
+        ("m3", "body of m3", a_id),
+        (server_id, "server-chosen id", a_id),
+        ("m5", "body of m5", a_id),
+    ], got
+    await b.ack(b_id, "m1", "m2", "m3", server_id, "m5")
+    await assert_next_delivery_is_new(a, b)
+    off = await connect(up_server.msg_server, off_id, tokens[off_id])
+    assert (await off.expect("RESP_MESSAGE_P2P"))[:3] == ["body of m4", a_id, "m4"]
 
 
 async def test_another_sender_reusing_a_pending_id_gets_duplicate_id(
