@@ -140,9 +140,7 @@ class _Sender(_Client):
             return
         i = self.sent
         j = min(self.n, i + k)
-        now = time.perf_counter()
-        for x in range(i, j):
-            self.sent_at[x] = now
+        self.sent_at[i:j] = array("d", (time.perf_counter(),)) * (j - i)
         t.write(b"".join(self.frames[i:j]))
         self.sent = j
 
@@ -178,7 +176,9 @@ class _Receiver(_Client):
         sender = self.sender
         assert sender is not None
         lat = self.run.latencies
+        sent_at = sender.sent_at
         seen = self.seen
+        new = 0
         tag = self.run.tag
         skip = len(tag)
         for k in range(0, len(spans), 2):
@@ -202,9 +202,10 @@ class _Receiver(_Client):
                 self.duplicates += 1
                 continue
             seen[i] = 1
-            self.delivered += 1
-            self.run.delivered += 1
-            lat.append(now - sender.sent_at[i])
+            new += 1
+            lat.append(now - sent_at[i])
+        self.delivered += new
+        self.run.delivered += new
         if ids and self.transport is not None:
             me = self.device_id
             out = bytearray()
@@ -358,14 +359,22 @@ async def _pace(run: _Run, rate: float, count: int) -> None:
     while issued < count:
         due = min(count, int((time.perf_counter() - t0) * rate) + 1)
         if due > issued:
-            per: dict[int, int] = {}
-            for i in range(issued, due):
-                k = i % len(senders)
-                per[k] = per.get(k, 0) + 1
-            for k, n in per.items():
-                senders[k].send_some(n)
+            # Message i is sender i % len(senders)'s: each sender's share of
+            # issued..due-1 by arithmetic (a loop per message cost the client ~1 µs a
+            # message at 100k msgs/s, when it shares the machine with the server).
+            for k, n in enumerate(_shares(issued, due, len(senders))):
+                if n:
+                    senders[k].send_some(n)
             issued = due
         await asyncio.sleep(0.001)
+
+
+def _shares(start: int, end: int, parts: int) -> list[int]:
+    """How many of the numbers start..end-1 are congruent to k modulo ``parts``, for
+    each k."""
+    base, extra = divmod(end - start, parts)
+    first = start % parts  # the residues first, first+1, ... (extra of them) get one more
+    return [base + ((k - first) % parts < extra) for k in range(parts)]
 
 
 async def idle(msg_server: str, ids: list[str], token: str) -> list[_Client]:

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from support.server import ServerProcess
 
+from firmware_sim.bench.tcp import _shares
+
 
 def fleet(server: ServerProcess, *args: str, timeout: str = "20") -> dict[str, Any]:
     proc = server.cli("sim", *args, "--timeout", timeout, "--json")
@@ -114,6 +116,7 @@ def test_bench_tiny(up_server: ServerProcess) -> None:
     assert doc["config"]["repeat"] == 2
     paced = systems["gateway-tcp"]["paced"]
     assert paced[0]["rate"] == 1000 and all(p["count"] > 0 for p in paced)
+    assert all(p["delivered"] == p["count"] and p["lost"] == 0 for p in paced), paced
     assert 2000 in [p["rate"] for p in paced]  # --rates adds to the sweep
     assert all(p["of_peak"] > 0 for p in paced)
     assert doc["machine"]["nproc"] >= 1 and doc["config"]["count"] == 300
@@ -123,3 +126,15 @@ def test_bench_tiny(up_server: ServerProcess) -> None:
         "tcp_cpu_vs_mosquitto_cpu",
         "mqtt_vs_amqtt_qos1",
     }
+
+
+def test_bench_pacing_gives_each_sender_its_share() -> None:
+    """The paced bench sends message i from sender i % senders: each sender's share of
+    any span of messages, by arithmetic, is what counting them one by one gives."""
+    for start in range(0, 60):
+        for length in range(0, 70):
+            for parts in (1, 2, 3, 7, 20):
+                want = [0] * parts
+                for i in range(start, start + length):
+                    want[i % parts] += 1
+                assert _shares(start, start + length, parts) == want, (start, length, parts)
