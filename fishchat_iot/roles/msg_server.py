@@ -442,15 +442,12 @@ class MsgServer:
         mid = msg_id if msg_id and len(msg_id) <= MAX_ID_LEN else self._check_id(s, msg_id)
         if mid is None:
             return None
-        if enc == "none":
-            if not ts:
-                ts = now_ms()
-            if self.send_live(s, to, body, mid, ts):
-                return None
-        elif enc == ENC_PSK:
+        if enc == ENC_PSK:
             return self._psk_send(s, KIND_P2P, to, body, mid)
-        elif not ts:
+        if not ts:
             ts = now_ms()
+        if enc == "none" and self.send_live(s, to, body, mid, ts):
+            return None
         env = Envelope(mid, s.device_id, to, body, ts, self.okeys.next(), KIND_P2P)
         if enc != "none":
             env.enc = enc
